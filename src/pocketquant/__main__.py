@@ -1,0 +1,5 @@
+import sys
+
+from pocketquant.cli import main
+
+sys.exit(main())

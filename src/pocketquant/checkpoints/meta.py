@@ -1,0 +1,84 @@
+"""Meta's layout: `params.json` + `consolidated.00.pth`, read with `weights_only=True` and mmap."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from pocketquant.checkpoints.common import assemble, interleaved_to_half
+from pocketquant.config import ModelConfig
+from pocketquant.errors import PocketQuantError
+
+_LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"tok_embeddings.weight": "embed_tokens.weight", "norm.weight": "norm.weight",
+              "output.weight": "lm_head.weight"}
+
+
+def is_meta_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "params.json").exists()
+
+
+def hf_name(meta_name: str) -> str | None:
+    """Map a Meta tensor name to our (HF) name; None when it has no counterpart."""
+    if meta_name in _TOP_NAMES:
+        return _TOP_NAMES[meta_name]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", meta_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+    return None
+
+
+def read_state(pth: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(pth, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise PocketQuantError(
+            f"refusing {pth}: its pickle holds more than tensors and would run code to load ({first})") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise PocketQuantError(f"{pth}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+
+
+def load_meta(path: Path, dtype):
+    try:
+        config = ModelConfig.from_meta(json.loads((path / "params.json").read_text()), name=path.name)
+    except (json.JSONDecodeError, KeyError) as e:
+        raise PocketQuantError(f"{path / 'params.json'}: not a valid Llama params file ({e!r})") from e
+    shards = sorted(path.glob("consolidated.*.pth"))
+    if len(shards) != 1:
+        raise PocketQuantError(
+            f"{path}: expected one consolidated.00.pth, found {len(shards)}"
+            + (" (model-parallel shards are not supported)" if shards else ""))
+    state = read_state(shards[0])
+    if any(k.endswith(".scales") for k in state):
+        raise PocketQuantError(f"{shards[0]} is a prequantized checkpoint (it has .scales tensors); "
+                               "loading those is not supported yet")
+    tensors, unknown = {}, []
+    for key, t in state.items():
+        name = hf_name(key)
+        if name is None:
+            if not key.endswith("rope.freqs"):
+                unknown.append(key)
+            continue
+        tensors[name] = _getter(t, name, config)
+    if unknown:
+        raise PocketQuantError(f"{shards[0]}: unrecognized tensors {unknown[:5]}")
+    return assemble(config, tensors, dtype, str(path))
+
+
+def _getter(t: torch.Tensor, name: str, config: ModelConfig):
+    if name.endswith("q_proj.weight"):
+        return lambda: interleaved_to_half(t, config.n_heads)
+    if name.endswith("k_proj.weight"):
+        return lambda: interleaved_to_half(t, config.n_kv_heads)
+    return lambda: t

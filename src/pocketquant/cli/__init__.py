@@ -1,0 +1,34 @@
+"""`pocketquant <verb>`: each verb is a small module with `register(subparsers)`; its library
+imports happen only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pocketquant.errors import PocketQuantError
+
+VERBS = {"generate": "generate text from a prompt", "chat": "talk with a model in the terminal"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pocketquant", description="Quantize, evaluate and run small "
+                                     "Llama-family models on a CPU.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, help_text in VERBS.items():
+        module = importlib.import_module(f"pocketquant.cli.{verb}")
+        module.register(sub.add_parser(verb, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except PocketQuantError as e:
+        print(f"pocketquant {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130

@@ -1,0 +1,47 @@
+"""Options shared by the verbs that run a model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_options(p: argparse.ArgumentParser):
+    p.add_argument("model", metavar="MODEL",
+                   help="a path (HF directory, Meta directory, .gguf) or a known name such as smollm2-135m")
+    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+
+
+def add_sampling_options(p: argparse.ArgumentParser):
+    p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many tokens (256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def open_model(args):
+    """Load the model the arguments name; it must have a tokenizer to run on text."""
+    import torch
+
+    from pocketquant.checkpoints import load_model
+    from pocketquant.errors import PocketQuantError
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise PocketQuantError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, args.dtype)
+    if loaded.tokenizer is None:
+        raise PocketQuantError(f"{args.model} has no tokenizer, so it cannot run on text")
+    return loaded
+
+
+def sampling_from(args):
+    from pocketquant.runtime.generate import Sampling
+
+    if args.max_new_tokens < 1:
+        from pocketquant.errors import PocketQuantError
+
+        raise PocketQuantError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    return Sampling(args.temperature, args.top_k, args.top_p, args.seed)

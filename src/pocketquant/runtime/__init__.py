@@ -1,0 +1,1 @@
+"""Running models: generation (and, later, fast kernels). Imports nothing from `pocketquant.quant`."""

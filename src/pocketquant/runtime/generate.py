@@ -1,0 +1,98 @@
+"""One streaming generator: every consumer (generate, chat, bench, server) reads tokens from it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from pocketquant.errors import PocketQuantError
+from pocketquant.model import Transformer
+from pocketquant.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy when temperature is 0; otherwise temperature, then top-k (0 = off), then top-p."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise PocketQuantError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise PocketQuantError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise PocketQuantError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]."""
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+
+
+@torch.inference_mode()
+def stream_tokens(model: Transformer, prompt: list[int], max_new_tokens: int,
+                  sampling: Sampling = Sampling(), stop_ids=frozenset()) -> Iterator[int]:
+    """Yield up to `max_new_tokens` new token ids after `prompt`, stopping after a stop id."""
+    if not prompt:
+        raise PocketQuantError("the prompt is empty")
+    total = len(prompt) + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise PocketQuantError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                               f"the model's context of {model.config.max_seq_len} tokens")
+    device = model.embed_tokens.weight.device
+    gen = None
+    if sampling.seed is not None:
+        gen = torch.Generator(device=device).manual_seed(sampling.seed)
+    caches = model.new_caches(1, total)
+    logits = model(torch.tensor([prompt], device=device), caches, 0)[:, -1]
+    pos = len(prompt)
+    for _ in range(max_new_tokens):
+        token = sample(logits, sampling, gen)
+        yield int(token)
+        if int(token) in stop_ids:
+            return
+        logits = model(token[:, None], caches, pos)[:, -1]
+        pos += 1
+
+
+class TextStream:
+    """Turns token ids into printable text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
+
+def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_tokens: int,
+                sampling: Sampling = Sampling()) -> Iterator[str]:
+    """Yield the generated text piece by piece; the stop token itself is not shown."""
+    text = TextStream(tokenizer)
+    for token in stream_tokens(model, prompt, max_new_tokens, sampling, tokenizer.stop_ids):
+        if token in tokenizer.stop_ids:
+            return
+        if piece := text.push(token):
+            yield piece

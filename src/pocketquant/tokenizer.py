@@ -1,0 +1,202 @@
+"""Tokenizers behind one interface: HF `tokenizer.json`, Llama 3 `tokenizer.model` (tiktoken), and the
+BPE tokenizer embedded in a GGUF file; chat templates rendered with Jinja as Hugging Face does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pocketquant.errors import PocketQuantError
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# End-of-turn markers of the chat formats we know; generation stops at any of them.
+STOP_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "</s>")
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+class Tokenizer:
+    """Text <-> token ids, plus the model's special tokens and chat template."""
+
+    def __init__(self, backend, special: dict[str, int], bos_token: str | None, eos_token: str | None,
+                 add_bos: bool, chat_template: str | None):
+        self.backend = backend  # object with encode(text) -> list[int] and decode(ids) -> str
+        self.special = special
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id = special.get(bos_token) if bos_token else None
+        self.add_bos = add_bos and self.bos_id is not None
+        self.chat_template = chat_template or _default_template(special)
+        stops = [special[t] for t in (eos_token, *STOP_TOKENS) if t in special]
+        self.stop_ids = frozenset(stops)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; special-token strings in it map to their ids. BOS as the model expects,
+        unless `add_bos` says otherwise."""
+        ids = self.backend.encode(text)
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(list(ids))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render a conversation ([{"role", "content"}, ...]) as the prompt text the model was trained on."""
+        if self.chat_template is None:
+            raise PocketQuantError("this model has no chat template; use a plain prompt")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise PocketQuantError(f"a chat message needs 'role' and 'content', got {m!r}")
+        return _render(self.chat_template, messages=messages, add_generation_prompt=add_generation_prompt,
+                       bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # The template writes BOS itself where the model wants one.
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+
+
+def _default_template(special: dict[str, int]) -> str | None:
+    if "<|start_header_id|>" in special:
+        return LLAMA3_TEMPLATE
+    if "<|im_start|>" in special:
+        return CHATML_TEMPLATE
+    return None
+
+
+def _render(template: str, **context) -> str:
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise PocketQuantError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(**context)
+    except TemplateError as e:
+        raise PocketQuantError(f"chat template failed to render: {e}") from e
+
+
+class _HFBackend:
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+
+class _TiktokenBackend:
+    def __init__(self, enc):
+        self.enc = enc
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special="all")
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+def from_hf_dir(path: Path) -> Tokenizer:
+    """`tokenizer.json` (+ `tokenizer_config.json` for BOS/EOS and the chat template)."""
+    from tokenizers import Tokenizer as HFTok
+
+    try:
+        tok = HFTok.from_file(str(path / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise PocketQuantError(f"{path / 'tokenizer.json'}: cannot be read: {e}") from e
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    special = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
+    bos, eos = _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token"))
+    # The tokenizer's own post-processor tells whether the model expects BOS.
+    add_bos = bool(bos) and tok.encode("", add_special_tokens=True).ids[:1] == [special.get(bos)]
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # several named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return Tokenizer(_HFBackend(tok), special, bos, eos, add_bos, template)
+
+
+def _token_str(tok) -> str | None:
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+def from_llama3_model(path: Path) -> Tokenizer:
+    """Llama 3's `tokenizer.model` (base64 tiktoken ranks) with Llama 3's 256 special tokens."""
+    import base64
+
+    import tiktoken
+
+    ranks = {}
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PocketQuantError(f"{path}: not a Llama 3 tiktoken tokenizer.model "
+                               f"(a SentencePiece model from Llama 2 is not supported): {e}") from e
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+             "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+             "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+             "<|image|>"]
+    names += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(names))]
+    special = {name: len(ranks) + i for i, name in enumerate(names)}
+    enc = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                            special_tokens=special)
+    return Tokenizer(_TiktokenBackend(enc), special, "<|begin_of_text|>", "<|end_of_text|>", True,
+                     LLAMA3_TEMPLATE)
+
+
+def from_gguf(reader, path: Path) -> Tokenizer:
+    """The BPE ("gpt2") tokenizer stored in a GGUF file's metadata."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTok
+
+    from pocketquant.checkpoints.gguf import field
+
+    kind = field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise PocketQuantError(f"{path}: GGUF tokenizer type {kind!r} is not supported; expected BPE ('gpt2')")
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
+    tok = HFTok(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                           fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = _gguf_pre_tokenizer(field(reader, "tokenizer.ggml.pre", "gpt2"), pre_tokenizers, Regex)
+    tok.decoder = decoders.ByteLevel()
+    # CONTROL (3) and USER_DEFINED (4) tokens are matched whole in the text.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty in (3, 4)])
+    special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}
+
+    def token_at(key):
+        i = field(reader, key)
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    bos, eos = token_at("tokenizer.ggml.bos_token_id"), token_at("tokenizer.ggml.eos_token_id")
+    special.update({t: tokens.index(t) for t in (bos, eos) if t})
+    add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", False))
+    return Tokenizer(_HFBackend(tok), special, bos, eos, add_bos, field(reader, "tokenizer.chat_template"))
+
+
+def _gguf_pre_tokenizer(pre: str, pre_tokenizers, Regex):
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN if pre == "llama-bpe" else GPT2_PATTERN),
+                                 behavior="isolated")
+    steps = [split, byte_level]
+    if pre == "smollm":  # SmolLM's tokenizer puts every digit in its own pre-token first
+        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    return pre_tokenizers.Sequence(steps)
