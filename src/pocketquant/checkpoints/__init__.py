@@ -74,7 +74,8 @@ def _load_path(path: Path, dtype):
 
     if path.is_file() and path.suffix == ".gguf":
         reader = gguf.open_gguf(path)
-        return gguf.load_gguf(path, dtype, reader), tk.from_gguf(reader, path)
+        has_tok = "tokenizer.ggml.model" in reader.fields
+        return gguf.load_gguf(path, dtype, reader), tk.from_gguf(reader, path) if has_tok else None
     if hf.is_hf_dir(path):
         has_tok = (path / "tokenizer.json").exists()
         return hf.load_hf(path, dtype), tk.from_hf_dir(path) if has_tok else None
