@@ -124,6 +124,8 @@ def from_hf_dir(path: Path) -> Tokenizer:
     # The tokenizer's own post-processor tells whether the model expects BOS.
     add_bos = bool(bos) and tok.encode("", add_special_tokens=True).ids[:1] == [special.get(bos)]
     template = cfg.get("chat_template")
+    if (path / "chat_template.jinja").exists():  # where newer transformers save it
+        template = (path / "chat_template.jinja").read_text()
     if isinstance(template, list):  # several named templates: take the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return Tokenizer(_HFBackend(tok), special, bos, eos, add_bos, template)
