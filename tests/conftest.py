@@ -79,10 +79,21 @@ def write_json(path: Path, obj):
     path.write_text(json.dumps(obj, indent=2))
 
 
-def hf_to_meta(model, out: Path, multiple_of: int = 32):
-    """Write a transformers Llama as Meta's params.json + consolidated.00.pth (q/k rows interleaved)."""
+def interleaved_layers(model, names: dict[str, str]):
+    """(layer index, new name, weight) for each HF layer module in `names`, q/k rows in the interleaved
+    RoPE order that Meta and GGUF files keep."""
     from pocketquant.checkpoints.common import half_to_interleaved
 
+    c = model.config
+    heads = {"self_attn.q_proj": c.num_attention_heads, "self_attn.k_proj": c.num_key_value_heads}
+    for i, layer in enumerate(model.model.layers):
+        for hf, name in names.items():
+            w = layer.get_submodule(hf).weight
+            yield i, name, half_to_interleaved(w, heads[hf]) if hf in heads else w
+
+
+def hf_to_meta(model, out: Path, multiple_of: int = 32):
+    """Write a transformers Llama as Meta's params.json + consolidated.00.pth (q/k rows interleaved)."""
     c = model.config
     names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
              "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
@@ -91,14 +102,8 @@ def hf_to_meta(model, out: Path, multiple_of: int = 32):
              "post_attention_layernorm": "ffn_norm"}
     state = {"tok_embeddings.weight": model.model.embed_tokens.weight, "norm.weight": model.model.norm.weight,
              "output.weight": model.lm_head.weight}
-    for i, layer in enumerate(model.model.layers):
-        for hf, meta in names.items():
-            w = layer.get_submodule(hf).weight
-            if hf == "self_attn.q_proj":
-                w = half_to_interleaved(w, c.num_attention_heads)
-            if hf == "self_attn.k_proj":
-                w = half_to_interleaved(w, c.num_key_value_heads)
-            state[f"layers.{i}.{meta}.weight"] = w
+    for i, name, w in interleaved_layers(model, names):
+        state[f"layers.{i}.{name}.weight"] = w
     out.mkdir(parents=True)
     torch.save({k: v.detach().clone() for k, v in state.items()}, out / "consolidated.00.pth")
     write_json(out / "params.json", {
@@ -107,16 +112,14 @@ def hf_to_meta(model, out: Path, multiple_of: int = 32):
         "norm_eps": c.rms_norm_eps, "rope_theta": c.rope_parameters["rope_theta"], "use_scaled_rope": True})
 
 
-def hf_to_gguf(model, path: Path, qtype=None, rope_freqs: torch.Tensor | None = None):
+def hf_to_gguf(model, path: Path, qtype=None, rope_freqs: torch.Tensor | None = None, arch="llama"):
     """Write a transformers Llama as a llama-architecture GGUF the way llama.cpp's converter does
     (q/k rows interleaved, 2-D weights optionally quantized to `qtype`)."""
     import gguf
     import numpy as np
 
-    from pocketquant.checkpoints.common import half_to_interleaved
-
     c = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -133,14 +136,8 @@ def hf_to_gguf(model, path: Path, qtype=None, rope_freqs: torch.Tensor | None = 
     tensors = {"token_embd.weight": model.model.embed_tokens.weight, "output_norm.weight": model.model.norm.weight}
     if not c.tie_word_embeddings:
         tensors["output.weight"] = model.lm_head.weight
-    for i, layer in enumerate(model.model.layers):
-        for hf, g in names.items():
-            t = layer.get_submodule(hf).weight
-            if g == "attn_q":
-                t = half_to_interleaved(t, c.num_attention_heads)
-            if g == "attn_k":
-                t = half_to_interleaved(t, c.num_key_value_heads)
-            tensors[f"blk.{i}.{g}.weight"] = t
+    for i, name, t in interleaved_layers(model, names):
+        tensors[f"blk.{i}.{name}.weight"] = t
     if rope_freqs is not None:
         tensors["rope_freqs.weight"] = rope_freqs
         w.add_rope_scaling_orig_ctx_len(c.rope_parameters["original_max_position_embeddings"])

@@ -120,6 +120,11 @@ def test_unsupported_architecture(tiny_hf_dir):
     assert "unsupported architecture: model_type='mistral'" in error_of(path)
 
 
+def test_unsupported_gguf_architecture(tmp_path):
+    path = hf_to_gguf(hf_model(), tmp_path / "m.gguf", arch="qwen2")
+    assert "unsupported architecture 'qwen2'; expected 'llama'" in error_of(path)
+
+
 def test_shape_mismatch_names_the_tensor(tiny_hf_dir):
     path, _ = tiny_hf_dir
     cfg = json.loads((path / "config.json").read_text())
@@ -189,3 +194,11 @@ def test_cli_reports_bad_input_in_one_line(tiny_hf_dir):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pocketquant generate: error:") \
         and "model.safetensors" in lines[0]
+
+
+def test_cli_refuses_text_generation_without_a_tokenizer():
+    proc = subprocess.run([sys.executable, "-m", "pocketquant", "chat", "random:smollm2-135m"],
+                          capture_output=True, text=True, input="hi\n")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "pocketquant chat: error: random:smollm2-135m has no tokenizer, so it " \
+        "cannot run on text"
