@@ -113,3 +113,21 @@ def test_fetch_refuses_a_wrong_checksum(tmp_path, monkeypatch):
     with pytest.raises(PocketQuantError, match="has SHA-256 82e9d319"):
         fetch(wrong)
     assert not any(p.is_file() for p in tmp_path.rglob("*"))  # nothing half-written left behind
+
+
+def test_rtn_int4_eo8_still_answers_and_perplexity_side_by_side(smollm2, smollm2_gguf, tmp_path):
+    from pocketquant.data import shipped_text
+    from pocketquant.eval.perplexity import perplexity
+    from pocketquant.quant.recipe import quantize
+
+    out = quantize(smollm2_gguf, tmp_path / "rtn.safetensors", progress=False)
+    q = load_model(out.path)
+    tok = q.tokenizer
+    answer = "".join(stream_text(q.model, tok, tok.encode_chat(PARIS), 30))
+    assert "Paris" in answer
+    ids = tok.encode(shipped_text("evaluation"))
+    float_ppl = perplexity(smollm2.model, ids, context=512, limit=4096)
+    rtn_ppl = perplexity(q.model, ids, context=512, limit=4096)
+    print(f"\nSmolLM2-135M perplexity, shipped evaluation text, first 4096 tokens, context 512: "
+          f"float (Q4_1 dequantized) {float_ppl:.3f}, RTN int4-eo8 {rtn_ppl:.3f}")
+    assert float_ppl < rtn_ppl < 1.45 * float_ppl

@@ -126,18 +126,26 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
         self.reset_rope()
 
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device  # the final norm stays float in every scheme
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
     def reset_rope(self):
         """(Re)compute the RoPE frequencies, e.g. after building the model on the meta device."""
-        cfg, device = self.config, self.embed_tokens.weight.device
+        cfg, device = self.config, self.device
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.inv_freq = inv_freq.to("cpu" if device.type == "meta" else device)
 
     def new_caches(self, batch: int = 1, max_seq_len: int | None = None,
                    dtype: torch.dtype | None = None) -> list[KVCache]:
         """One preallocated KV cache per layer."""
-        cfg, w = self.config, self.embed_tokens.weight
+        cfg = self.config
         return [KVCache(batch, max_seq_len or cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim,
-                        dtype or w.dtype, w.device) for _ in range(cfg.n_layers)]
+                        dtype or self.dtype, self.device) for _ in range(cfg.n_layers)]
 
     def rope(self, start_pos: int, length: int, dtype: torch.dtype):
         pos = torch.arange(start_pos, start_pos + length, device=self.inv_freq.device, dtype=torch.float32)

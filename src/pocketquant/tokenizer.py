@@ -63,6 +63,19 @@ class Tokenizer:
         # The template writes BOS itself where the model wants one.
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
 
+    def to_spec(self) -> dict:
+        """Everything needed to rebuild this tokenizer, as JSON-able data (stored in packed files)."""
+        return {**self.backend.to_spec(), "special": self.special, "bos_token": self.bos_token,
+                "eos_token": self.eos_token, "add_bos": self.add_bos, "chat_template": self.chat_template}
+
+    @classmethod
+    def from_spec(cls, d: dict) -> "Tokenizer":
+        kinds = {"hf": _HFBackend, "tiktoken-llama3": _TiktokenBackend}
+        if d.get("kind") not in kinds:
+            raise PocketQuantError(f"unknown tokenizer kind {d.get('kind')!r}")
+        return cls(kinds[d["kind"]].from_spec(d), d["special"], d["bos_token"], d["eos_token"], d["add_bos"],
+                   d["chat_template"])
+
 
 def _default_template(special: dict[str, int]) -> str | None:
     if "<|start_header_id|>" in special:
@@ -91,6 +104,15 @@ class _HFBackend:
     def __init__(self, tok):
         self.tok = tok
 
+    def to_spec(self):
+        return {"kind": "hf", "tokenizer_json": self.tok.to_str()}
+
+    @classmethod
+    def from_spec(cls, d):
+        from tokenizers import Tokenizer as HFTok
+
+        return cls(HFTok.from_str(d["tokenizer_json"]))
+
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
 
@@ -99,8 +121,16 @@ class _HFBackend:
 
 
 class _TiktokenBackend:
-    def __init__(self, enc):
-        self.enc = enc
+    def __init__(self, ranks_text: str):
+        self.ranks_text = ranks_text
+        self.enc, self.special = _llama3_encoding(ranks_text)
+
+    def to_spec(self):
+        return {"kind": "tiktoken-llama3", "ranks": self.ranks_text}
+
+    @classmethod
+    def from_spec(cls, d):
+        return cls(d["ranks"])
 
     def encode(self, text):
         return self.enc.encode(text, allowed_special="all")
@@ -135,31 +165,38 @@ def _token_str(tok) -> str | None:
     return tok.get("content") if isinstance(tok, dict) else tok
 
 
-def from_llama3_model(path: Path) -> Tokenizer:
-    """Llama 3's `tokenizer.model` (base64 tiktoken ranks) with Llama 3's 256 special tokens."""
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+                  "<|image|>"]
+LLAMA3_SPECIAL += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIAL))]
+
+
+def _llama3_encoding(ranks_text: str):
     import base64
 
     import tiktoken
 
     ranks = {}
+    for line in ranks_text.splitlines():
+        if line.strip():
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+    special = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL)}
+    enc = tiktoken.Encoding(name="llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    return enc, special
+
+
+def from_llama3_model(path: Path) -> Tokenizer:
+    """Llama 3's `tokenizer.model` (base64 tiktoken ranks) with Llama 3's 256 special tokens."""
+    import binascii
+
     try:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-    except (ValueError, UnicodeDecodeError) as e:
+        backend = _TiktokenBackend(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, binascii.Error) as e:
         raise PocketQuantError(f"{path}: not a Llama 3 tiktoken tokenizer.model "
                                f"(a SentencePiece model from Llama 2 is not supported): {e}") from e
-    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-             "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-             "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
-             "<|image|>"]
-    names += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(names))]
-    special = {name: len(ranks) + i for i, name in enumerate(names)}
-    enc = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
-                            special_tokens=special)
-    return Tokenizer(_TiktokenBackend(enc), special, "<|begin_of_text|>", "<|end_of_text|>", True,
-                     LLAMA3_TEMPLATE)
+    return Tokenizer(backend, dict(backend.special), "<|begin_of_text|>", "<|end_of_text|>", True, LLAMA3_TEMPLATE)
 
 
 def from_gguf(reader, path: Path) -> Tokenizer:

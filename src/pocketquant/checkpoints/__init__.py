@@ -5,6 +5,7 @@
     DIR with config.json    Hugging Face safetensors (+ tokenizer.json)
     DIR with params.json    Meta consolidated.00.pth (+ tokenizer.model)
     FILE.gguf               GGUF, llama architecture (+ its embedded tokenizer)
+    FILE.safetensors        a pocketquant packed (quantized) model
 """
 
 from __future__ import annotations
@@ -69,9 +70,13 @@ def load_model(source: str | Path, dtype: str | torch.dtype = torch.float32) -> 
 
 
 def _load_path(path: Path, dtype):
+    from pocketquant import packed
     from pocketquant import tokenizer as tk
     from pocketquant.checkpoints import gguf, hf, meta
 
+    if packed.is_packed(path):
+        model, tokenizer, _ = packed.load_packed(path, dtype)
+        return model, tokenizer
     if path.is_file() and path.suffix == ".gguf":
         reader = gguf.open_gguf(path)
         has_tok = "tokenizer.ggml.model" in reader.fields
@@ -85,5 +90,5 @@ def _load_path(path: Path, dtype):
     if path.is_dir():
         raise PocketQuantError(f"{path}: no model found (expected config.json + safetensors, "
                                "params.json + consolidated.00.pth, or a .gguf file)")
-    raise PocketQuantError(f"{path}: unsupported file type {path.suffix or '(none)'}; expected a .gguf file "
-                           "or a model directory")
+    raise PocketQuantError(f"{path}: unsupported file type {path.suffix or '(none)'}; expected a .gguf file, "
+                           "a pocketquant .safetensors file or a model directory")

@@ -35,33 +35,63 @@ def _check_heads(w: torch.Tensor, n_heads: int):
 
 
 def assemble(config: ModelConfig, tensors: TensorSource, dtype: torch.dtype, source: str) -> Transformer:
-    """Build a `Transformer` from named tensors (HF names without `model.`), checking every shape.
+    """Build a float `Transformer` from named tensors (HF names without `model.`), checking every shape.
 
     Tensors are read one at a time, so peak memory is about the model in `dtype` plus one tensor.
     """
     with torch.device("meta"):
         model = Transformer(config)
-    expected = {n: p.shape for n, p in model.state_dict().items()}
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight")
+    return fill_model(model, tensors, dtype, source)
+
+
+def fill_model(model: Transformer, tensors: TensorSource, dtype: torch.dtype, source: str) -> Transformer:
+    """Give a meta-device model (float or quantized modules) its tensors, checking names and shapes.
+
+    Parameters are cast to `dtype`; buffers (integer weights, scales) must arrive in their own dtype.
+    A tied output layer is not read: it is the embedding (or, quantized, the shared int8 table)."""
+    expected = model.state_dict()
+    tied = tied_output_names(model)
+    for name in tied:
+        expected.pop(name)
     missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected) - {"lm_head.weight"})
+    unexpected = sorted(set(tensors) - set(expected) - set(tied))
     if missing or unexpected:
         raise PocketQuantError(
             f"{source}: weights do not match the config: "
             + "; ".join(filter(None, [_listing("missing", missing), _listing("unexpected", unexpected)])))
+    params = {n for n, _ in model.named_parameters()}
     state = {}
-    for name, shape in expected.items():
+    for name, want in expected.items():
         t = tensors[name]()
-        if t.shape != shape:
+        if t.shape != want.shape:
             raise PocketQuantError(f"{source}: tensor {name} has shape {list(t.shape)}, "
-                                   f"the config expects {list(shape)}")
-        state[name] = t.to(dtype)
+                                   f"the config expects {list(want.shape)}")
+        if name not in params and t.dtype != want.dtype:
+            raise PocketQuantError(f"{source}: tensor {name} is {t.dtype}, expected {want.dtype}")
+        state[name] = t.to(dtype) if name in params else t
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    tie_output(model)
     model.reset_rope()
     return model.eval()
+
+
+def tied_output_names(model: Transformer) -> list[str]:
+    """State names of the output layer that a tied model does not store on its own."""
+    if not model.config.tie_embeddings:
+        return []
+    if isinstance(model.lm_head, torch.nn.Linear) and isinstance(model.embed_tokens, torch.nn.Embedding):
+        return ["lm_head.weight"]
+    if getattr(model, "shares_embedding_output", False):
+        return ["lm_head.qweight", "lm_head.scales"]
+    return []
+
+
+def tie_output(model: Transformer):
+    if tied_output_names(model) == ["lm_head.weight"]:
+        model.lm_head.weight = model.embed_tokens.weight
+    elif tied_output_names(model):
+        model.lm_head.qweight = model.embed_tokens.qweight
+        model.lm_head.scales = model.embed_tokens.scales
 
 
 def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> Transformer:
@@ -74,9 +104,8 @@ def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: 
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)
         else:
-            p.data.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02))
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+            p.data.normal_(0.0, 0.02, generator=gen)
+    tie_output(model)
     model.reset_rope()
     return model.eval()
 

@@ -9,7 +9,12 @@ import sys
 
 from pocketquant.errors import PocketQuantError
 
-VERBS = {"generate": "generate text from a prompt", "chat": "talk with a model in the terminal"}
+VERBS = {
+    "quantize": "quantize a float model into a packed file",
+    "inspect": "show what a packed file holds and where its bytes go",
+    "generate": "generate text from a prompt",
+    "chat": "talk with a model in the terminal",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

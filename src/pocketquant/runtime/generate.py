@@ -56,7 +56,7 @@ def stream_tokens(model: Transformer, prompt: list[int], max_new_tokens: int,
     if total > model.config.max_seq_len:
         raise PocketQuantError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                                f"the model's context of {model.config.max_seq_len} tokens")
-    device = model.embed_tokens.weight.device
+    device = model.device
     gen = None
     if sampling.seed is not None:
         gen = torch.Generator(device=device).manual_seed(sampling.seed)

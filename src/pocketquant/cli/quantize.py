@@ -1,0 +1,31 @@
+"""`pocketquant quantize MODEL --method rtn --scheme int4-eo8 -o OUT.safetensors`."""
+
+from __future__ import annotations
+
+
+def register(p):
+    p.add_argument("model", metavar="MODEL", help="a float model: path or known name (smollm2-135m)")
+    p.add_argument("-o", "--output", required=True, help="the packed file to write (.safetensors)")
+    p.add_argument("--method", default="rtn", help="rtn (default)")
+    p.add_argument("--scheme", default="int4-eo8",
+                   help="int4-eo8 (default), int4-eo8-g128, int8, w4-g32")
+    p.add_argument("--search-clip", action="store_true",
+                   help="search a clipping ratio per group that minimizes the weight error")
+    p.add_argument("--share-embedding-output", action="store_true",
+                   help="for a tied model: one int8 table for embedding and output (smaller, same numbers)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from pocketquant.quant.recipe import quantize
+
+    r = quantize(args.model, args.output, args.method, args.scheme, args.search_clip,
+                 args.share_embedding_output)
+    print(f"wrote {r.path} ({r.file_bytes:,} bytes)")
+    if r.can_share and r.shared:
+        print(f"embedding and output share one int8 table; separate tables would add "
+              f"{r.output_table_bytes:,} bytes ({r.file_bytes + r.output_table_bytes:,} in all)")
+    elif r.can_share:
+        print(f"output layer has its own int8 table ({r.output_table_bytes:,} bytes); "
+              f"--share-embedding-output would write {r.file_bytes - r.output_table_bytes:,} bytes")
+    return 0

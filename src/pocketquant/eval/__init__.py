@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, KL-divergence, task accuracy."""

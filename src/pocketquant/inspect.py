@@ -1,0 +1,77 @@
+"""`inspect`: what a packed file holds, and where its bytes go."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pocketquant.packed import read_header
+
+FAMILIES = ("embedding", "attention", "mlp", "output", "norms")
+BYTES = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8}
+
+
+@dataclass
+class FamilySize:
+    bytes: int = 0
+    weights: int = 0  # logical weights (an int4 byte holds two)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes / self.weights if self.weights else 0.0
+
+
+def family_of(name: str) -> str:
+    if name.startswith("embed_tokens."):
+        return "embedding"
+    if name.startswith("lm_head."):
+        return "output"
+    if name.endswith("norm.weight"):
+        return "norms"
+    return "attention" if ".self_attn." in name else "mlp"
+
+
+def tensor_table(path: Path) -> list[tuple[str, str, list[int]]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return [(k, f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()]
+
+
+def sizes(path: Path, int4_names: set[str]) -> dict[str, FamilySize]:
+    out = {f: FamilySize() for f in FAMILIES}
+    for name, dtype, shape in tensor_table(path):
+        n = 1
+        for d in shape:
+            n *= d
+        fam = out[family_of(name)]
+        fam.bytes += n * BYTES[dtype]
+        if name.endswith((".qweight", ".weight")):
+            fam.weights += 2 * n if name in int4_names else n
+    return out
+
+
+def report(path: Path) -> str:
+    """A human-readable description of a packed file."""
+    h = read_header(path)
+    table = tensor_table(path)
+    int4 = {n for n, dtype, _ in table if n.endswith(".qweight") and dtype == "U8"}
+    fam = sizes(path, int4)
+    lines = [f"{path}  (pocketquant packed format {h.version}, {path.stat().st_size:,} bytes)", "",
+             "config: " + json.dumps(h.config.to_dict()), "scheme: " + h.scheme.to_json(),
+             "recipe: " + json.dumps(h.recipe),
+             "tokenizer: " + (h.tokenizer["kind"] if h.tokenizer else "none"), "",
+             f"{'family':<10} {'bytes':>14} {'weights':>14} {'bits/weight':>12}"]
+    total = FamilySize()
+    for name in FAMILIES:
+        f = fam[name]
+        total.bytes, total.weights = total.bytes + f.bytes, total.weights + f.weights
+        note = "  (shares the embedding table)" if name == "output" and h.scheme.share_embedding_output else ""
+        if name == "output" and not f.bytes and h.config.tie_embeddings and not note:
+            note = "  (tied to the embedding)"
+        lines.append(f"{name:<10} {f.bytes:>14,} {f.weights:>14,} {f.bits_per_weight:>12.3f}{note}")
+    lines.append(f"{'total':<10} {total.bytes:>14,} {total.weights:>14,} {total.bits_per_weight:>12.3f}")
+    lines += ["", f"{'tensor':<44} {'dtype':<5} shape"]
+    lines += [f"{n:<44} {d:<5} {list(s)}" for n, d, s in table]
+    return "\n".join(lines)

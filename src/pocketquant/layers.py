@@ -1,0 +1,180 @@
+"""Quantized modules that replace the model's float ones, and the plan saying which goes where.
+
+`QuantLinear.forward` is the reference definition: quantize activations per token, dequantize the
+weights, multiply in float32. Fast kernels and fake-quant training must agree with it."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketquant.errors import PocketQuantError
+from pocketquant.numerics import (check_finite, dequantize_weight, fake_quant_per_token, fake_quant_weight,
+                                  quantize_weight)
+from pocketquant.packing import BLOCK, pack_int4, unpack_int4
+from pocketquant.scheme import LinearSpec, QuantScheme, WeightSpec
+
+BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+class QuantLinear(nn.Module):
+    """Integer weights (int4 nibble-packed or int8) with one scale per group, optional int8 activations."""
+
+    def __init__(self, in_features: int, out_features: int, spec: LinearSpec):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        w = spec.weight
+        n_groups = in_features // w.group_for(in_features)
+        if w.bits == 4:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=getattr(torch, w.scale_dtype)))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, spec: LinearSpec, name: str = "weight",
+                   search_clip: bool = False) -> "QuantLinear":
+        check_finite(weight, name)
+        q, scales = quantize_weight(weight, spec.weight, search_clip)
+        return cls.from_int(q, scales, spec)
+
+    @classmethod
+    def from_int(cls, q: torch.Tensor, scales: torch.Tensor, spec: LinearSpec) -> "QuantLinear":
+        """From integer weights [out, in] and float32 scales [out, n_groups] (e.g. from GPTQ)."""
+        out_f, in_f = q.shape
+        with torch.device("meta"):
+            m = cls(in_f, out_f, spec)
+        m.qweight = pack_int4(q) if spec.weight.bits == 4 else q.to(torch.int8)
+        m.scales = scales.to(getattr(torch, spec.weight.scale_dtype))
+        return m
+
+    def int_weight(self) -> torch.Tensor:
+        return unpack_int4(self.qweight) if self.spec.weight.bits == 4 else self.qweight
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_weight(self.int_weight(), self.scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = fake_quant_per_token(x, self.spec.act) if self.spec.act else x.float()
+        return F.linear(xf, self.dequantized_weight()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        w, a = self.spec.weight, self.spec.act
+        return (f"in={self.in_features}, out={self.out_features}, w{w.bits} g{w.group_for(self.in_features)}"
+                + (f", a{a.bits}" if a else ", float activations"))
+
+
+class QuantEmbedding(nn.Module):
+    """int8 embedding table with one scale per row (token)."""
+
+    def __init__(self, num_embeddings: int, dim: int, spec: WeightSpec, out_dtype=torch.float32):
+        super().__init__()
+        self.spec, self.out_dtype = spec, out_dtype
+        self.register_buffer("qweight", torch.zeros(num_embeddings, dim, dtype=torch.int8))
+        self.register_buffer("scales", torch.zeros(num_embeddings, 1, dtype=getattr(torch, spec.scale_dtype)))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, spec: WeightSpec) -> "QuantEmbedding":
+        check_finite(weight, "embed_tokens.weight")
+        q, scales = quantize_weight(weight, spec)
+        with torch.device("meta"):
+            m = cls(*weight.shape, spec, weight.dtype)
+        m.qweight, m.scales = q, scales.to(getattr(torch, spec.scale_dtype))
+        return m
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (self.qweight[tokens].float() * self.scales[tokens].float()).to(self.out_dtype)
+
+
+class FakeQuantLinear(nn.Linear):
+    """A float linear whose forward fake-quantizes weights and activations exactly as the scheme says
+    (straight-through gradients): the training-time twin of `QuantLinear`."""
+
+    def __init__(self, in_features: int, out_features: int, spec: LinearSpec):
+        super().__init__(in_features, out_features, bias=False)
+        self.spec = spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = fake_quant_per_token(x, self.spec.act) if self.spec.act else x.float()
+        return F.linear(xf, fake_quant_weight(self.weight, self.spec.weight)).to(x.dtype)
+
+
+class FakeQuantEmbedding(nn.Embedding):
+    """A float embedding whose lookup returns the scheme's fake-quantized rows."""
+
+    def __init__(self, num_embeddings: int, dim: int, spec: WeightSpec):
+        super().__init__(num_embeddings, dim)
+        self.spec = spec
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return fake_quant_weight(self.weight, self.spec)[tokens].to(self.weight.dtype)
+
+
+def linear_plan(model: nn.Module, scheme: QuantScheme) -> dict[str, LinearSpec | None]:
+    """The spec of every linear (block linears and `lm_head`); None means it stays float."""
+    plan = {}
+    for i in range(len(model.layers)):
+        for suffix in BLOCK_LINEARS:
+            name = f"layers.{i}.{suffix}"
+            plan[name] = scheme.spec_for(name)
+    plan["lm_head"] = scheme.output
+    return plan
+
+
+def check_plan(model: nn.Module, scheme: QuantScheme) -> None:
+    """Refuse a scheme that cannot apply, listing every offending layer before any work starts."""
+    problems = []
+    names = [f"layers.{i}.{s}" for i in range(len(model.layers)) for s in BLOCK_LINEARS]
+    if scheme.kv_cache_bits is not None:
+        problems.append("an int8 KV cache is not supported by the runtime yet (kv_cache_bits must be None)")
+    for pattern, _ in scheme.overrides:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            problems.append(f"override {pattern!r} matches no module (block linears are named like "
+                            f"'layers.0.mlp.down_proj')")
+    for name, spec in linear_plan(model, scheme).items():
+        if spec is None:
+            continue
+        in_f = model.get_submodule(name).in_features
+        g = spec.weight.group_for(in_f)
+        if in_f % g:
+            problems.append(f"{name}: group size {g} does not divide its input width {in_f}")
+        elif spec.weight.bits == 4 and in_f % BLOCK:
+            problems.append(f"{name}: int4 packing needs an input width divisible by {BLOCK}, got {in_f}")
+    if scheme.share_embedding_output and not (
+            model.config.tie_embeddings and scheme.embedding is not None and scheme.output is not None
+            and scheme.output.weight == scheme.embedding):
+        problems.append("share_embedding_output needs a tied model and the same int8 per-channel weights "
+                        "for embedding and output")
+    if problems:
+        raise PocketQuantError(f"scheme {scheme.name!r} cannot apply to this model:\n  " + "\n  ".join(problems))
+
+
+def quantized_skeleton(model: nn.Module, scheme: QuantScheme, dtype=torch.float32) -> nn.Module:
+    """Swap the modules of a (meta-device) model for empty quantized ones, as the scheme says."""
+    check_plan(model, scheme)
+    for name, spec in linear_plan(model, scheme).items():
+        if spec is not None:
+            old = model.get_submodule(name)
+            set_module(model, name, QuantLinear(old.in_features, old.out_features, spec))
+    if scheme.embedding is not None:
+        old = model.embed_tokens
+        model.embed_tokens = QuantEmbedding(old.num_embeddings, old.embedding_dim, scheme.embedding, dtype)
+    if scheme.share_embedding_output:
+        share_embedding_output(model)
+    return model
+
+
+def share_embedding_output(model: nn.Module):
+    """Point the int8 output layer at the int8 embedding table (one table for both)."""
+    model.shares_embedding_output = True
+    model.lm_head.qweight = model.embed_tokens.qweight
+    model.lm_head.scales = model.embed_tokens.scales
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -1,0 +1,134 @@
+"""The packed model file: one safetensors file holding integer weights, scales, float norms and a
+self-describing header (format + version, model config, scheme, recipe, tokenizer). No pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pocketquant.config import ModelConfig
+from pocketquant.errors import PocketQuantError
+from pocketquant.scheme import QuantScheme
+
+FORMAT_NAME = "pocketquant.packed"
+FORMAT_VERSION = "1.0"  # major.minor: a reader refuses another major version
+
+
+@dataclass
+class PackedHeader:
+    config: ModelConfig
+    scheme: QuantScheme
+    recipe: list[dict]
+    tokenizer: dict | None
+    version: str
+
+
+def is_packed(path: Path) -> bool:
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return False
+    try:
+        return _raw_metadata(path).get("format") == FORMAT_NAME
+    except PocketQuantError:
+        return True  # a damaged file with our suffix: let the loader give the error
+
+
+def _raw_metadata(path: Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise PocketQuantError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def read_header(path: Path) -> PackedHeader:
+    meta = _raw_metadata(path)
+    if meta.get("format") != FORMAT_NAME:
+        raise PocketQuantError(f"{path}: not a pocketquant packed file (format {meta.get('format')!r})")
+    version = meta.get("format_version", "")
+    major = version.split(".")[0]
+    if major != FORMAT_VERSION.split(".")[0]:
+        raise PocketQuantError(f"{path}: packed format version {version!r} is not supported; this "
+                               f"pocketquant reads version {FORMAT_VERSION.split('.')[0]}.x (upgrade pocketquant)")
+    try:
+        return PackedHeader(ModelConfig.from_json(meta["config"]), QuantScheme.from_json(meta["scheme"]),
+                            json.loads(meta["recipe"]),
+                            json.loads(meta["tokenizer"]) if meta.get("tokenizer") else None, version)
+    except (KeyError, json.JSONDecodeError) as e:
+        raise PocketQuantError(f"{path}: damaged packed header ({e!r})") from e
+
+
+def packed_tensors(model) -> dict[str, torch.Tensor]:
+    """The tensors a packed file stores: the state dict less what a tied output layer shares."""
+    from pocketquant.checkpoints.common import tied_output_names
+
+    state = model.state_dict()
+    for name in tied_output_names(model):
+        state.pop(name)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def save_packed(path: Path, model, scheme: QuantScheme, recipe: list[dict], tokenizer=None) -> Path:
+    """Write the packed file atomically: a temporary file beside `path`, then a rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_json(),
+                "scheme": scheme.to_json(), "recipe": json.dumps(recipe),
+                "tokenizer": json.dumps(tokenizer.to_spec()) if tokenizer is not None else ""}
+    tensors = packed_tensors(model)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata))
+    return path
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp) and rename tmp to `path`; after any failure (or a kill) `path` is untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.partial-*"):
+        if not _alive(stale.name.rsplit("-", 1)[1]):
+            stale.unlink(missing_ok=True)  # left by a writer that was killed
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def load_packed(path: Path, dtype: torch.dtype = torch.float32):
+    """Load a packed file -> (model with QuantLinear modules, tokenizer or None, header)."""
+    from safetensors import SafetensorError, safe_open
+
+    from pocketquant.checkpoints.common import fill_model
+    from pocketquant.layers import quantized_skeleton
+    from pocketquant.model import Transformer
+    from pocketquant.tokenizer import Tokenizer
+
+    header = read_header(path)
+    with torch.device("meta"):
+        model = quantized_skeleton(Transformer(header.config), header.scheme, dtype)
+    try:
+        handle = safe_open(str(path), framework="pt")
+        tensors = {k: (lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
+        model = fill_model(model, tensors, dtype, str(path))
+    except SafetensorError as e:
+        raise PocketQuantError(f"{path}: damaged tensor data: {e}") from e
+    tokenizer = Tokenizer.from_spec(header.tokenizer) if header.tokenizer else None
+    return model, tokenizer, header

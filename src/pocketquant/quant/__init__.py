@@ -1,0 +1,1 @@
+"""Quantization algorithms: each is `apply(model, config) -> model` and ends in the same QuantLinear."""

@@ -1,0 +1,54 @@
+"""`quantize`: load a float model, run a method under a scheme, write the packed file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pocketquant.errors import PocketQuantError
+from pocketquant.scheme import QuantScheme, get_scheme
+
+METHODS = ("rtn",)
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    file_bytes: int
+    output_table_bytes: int  # bytes of a separate int8 output table (0 when the output stays float)
+    shared: bool  # embedding and output share one int8 table
+    can_share: bool  # the model is tied and both are int8 per channel
+
+
+def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: str | QuantScheme = "int4-eo8",
+             search_clip: bool = False, share_embedding_output: bool = False, progress=True) -> QuantizeResult:
+    """Quantize `source` (path or known name) with `method` under `scheme`; write the packed file `out`."""
+    from tqdm import tqdm
+
+    from pocketquant.checkpoints import load_model
+    from pocketquant.layers import check_plan
+    from pocketquant.packed import save_packed
+    from pocketquant.quant import rtn
+
+    if method not in METHODS:
+        raise PocketQuantError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise PocketQuantError(f"the output file must end in .safetensors, got {out.name}")
+    scheme = get_scheme(scheme)
+    if share_embedding_output:
+        scheme = scheme.replace(share_embedding_output=True)
+    loaded = load_model(source, torch.float32)
+    model = loaded.model
+    check_plan(model, scheme)  # refuse before any work
+    config = rtn.RTNConfig(scheme, search_clip)
+    model = rtn.apply(model, config, progress=tqdm if progress else None)
+    save_packed(out, model, scheme, [config.to_dict()], loaded.tokenizer)
+    lm = model.lm_head
+    table = lm.qweight.numel() * lm.qweight.element_size() + lm.scales.numel() * lm.scales.element_size() \
+        if hasattr(lm, "qweight") else 0
+    can_share = (model.config.tie_embeddings and scheme.embedding is not None and scheme.output is not None
+                 and scheme.output.weight == scheme.embedding)
+    return QuantizeResult(out, out.stat().st_size, table, scheme.share_embedding_output, can_share)
