@@ -1,6 +1,6 @@
 """Text shipped with the package (never downloaded) and turning text into token blocks.
 
-The Python 3.11 documentation sources (PSF license, see data/PYTHON-DOCS-LICENSE.txt): the HOWTOs and
+The Python 3.11 documentation sources (PSF license, see texts/PYTHON-DOCS-LICENSE.txt): the HOWTOs and
 FAQ are the calibration/training text, the Tutorial is the evaluation text. They never overlap."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ CORPORA = {"calibration": "python-howto-faq.txt", "evaluation": "python-tutorial
 def shipped_text(split: str) -> str:
     if split not in CORPORA:
         raise PocketQuantError(f"unknown text split {split!r}; expected one of {sorted(CORPORA)}")
-    return resources.files("pocketquant").joinpath("data", CORPORA[split]).read_text(encoding="utf-8")
+    return resources.files("pocketquant").joinpath("texts", CORPORA[split]).read_text(encoding="utf-8")
 
 
 def read_text(path: str | Path) -> str:
