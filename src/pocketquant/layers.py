@@ -60,7 +60,16 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = fake_quant_per_token(x, self.spec.act) if self.spec.act else x.float()
-        return F.linear(xf, self.dequantized_weight()).to(x.dtype)
+        return F.linear(xf, self._weight_for_inference()).to(x.dtype)
+
+    def _weight_for_inference(self) -> torch.Tensor:
+        # The integer weights never change after packing, so the dequantized copy is kept once computed
+        # (this reference path trades memory for speed; the fast kernels read the packed bytes).
+        cached = getattr(self, "_dequantized", None)
+        if cached is None or cached[0] is not self.qweight:
+            cached = (self.qweight, self.dequantized_weight())
+            self._dequantized = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         w, a = self.spec.weight, self.spec.act

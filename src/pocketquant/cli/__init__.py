@@ -12,6 +12,7 @@ from pocketquant.errors import PocketQuantError
 VERBS = {
     "quantize": "quantize a float model into a packed file",
     "inspect": "show what a packed file holds and where its bytes go",
+    "eval": "perplexity, KL-divergence and task accuracy, side by side",
     "generate": "generate text from a prompt",
     "chat": "talk with a model in the terminal",
 }

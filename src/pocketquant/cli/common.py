@@ -20,17 +20,23 @@ def add_sampling_options(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
 
 
-def open_model(args):
-    """Load the model the arguments name; it must have a tokenizer to run on text."""
+def set_threads(threads: int | None):
     import torch
 
+    from pocketquant.errors import PocketQuantError
+
+    if threads is not None:
+        if threads < 1:
+            raise PocketQuantError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def open_model(args):
+    """Load the model the arguments name; it must have a tokenizer to run on text."""
     from pocketquant.checkpoints import load_model
     from pocketquant.errors import PocketQuantError
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise PocketQuantError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     loaded = load_model(args.model, args.dtype)
     if loaded.tokenizer is None:
         raise PocketQuantError(f"{args.model} has no tokenizer, so it cannot run on text")

@@ -1,30 +1,76 @@
-"""Token-level perplexity over fixed windows."""
+"""One streaming pass over a text for several models: perplexity of each, and KL-divergence and top-1
+agreement of each model's next-token distribution against the first (the reference). Nothing is dumped:
+each window's logits are compared and dropped."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 
+@dataclass
+class TextScores:
+    nll: float = 0.0  # summed over scored tokens, nats
+    tokens: int = 0
+    top1_agree: int = 0
+    kl: list[torch.Tensor] = field(default_factory=list)  # per-token KL(reference || model), nats
+
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens)
+
+    def word_perplexity(self, words: int) -> float:
+        return math.exp(self.nll / words)
+
+    def kl_stats(self) -> dict[str, float]:
+        kl = torch.cat(self.kl).double() if self.kl else torch.zeros(1, dtype=torch.float64)
+        return {"kl_mean": float(kl.mean()), "kl_median": float(kl.median()),
+                "kl_p99": float(torch.quantile(kl, 0.99)), "top1_agreement": self.top1_agree / self.tokens}
+
+
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored position) per window over n_tokens; each target is scored exactly once and,
+    after the first window, with at least context - stride tokens before it."""
+    out, scored_until = [], 0
+    for start in range(0, max(n_tokens - 1, 0), stride):
+        end = min(start + context, n_tokens - 1)  # targets start+1 .. end
+        out.append((start, max(scored_until - start, 0)))
+        scored_until = end
+        if end == n_tokens - 1:
+            break
+    return out
+
+
 @torch.inference_mode()
-def perplexity(model, tokens: list[int], context: int = 512, stride: int | None = None,
-               limit: int | None = None) -> float:
-    """exp(mean next-token NLL) over windows of `context` tokens moved by `stride` (default: context);
-    each token is scored once, with at least context - stride tokens of history after the first window."""
+def score_text(models: list, tokens: list[int], context: int = 1024, stride: int | None = None,
+               progress=None) -> list[TextScores]:
+    """Score `tokens` with every model on identical windows; KL and agreement are against models[0]."""
     stride = stride or context
-    nll, count = 0.0, 0
-    for start in range(0, len(tokens) - 1, stride):
+    if not 0 < stride <= context:
+        raise ValueError(f"stride must be in 1..context ({context}), got {stride}")
+    scores = [TextScores() for _ in models]
+    plan = windows(len(tokens), context, stride)
+    for start, first in (progress(plan, desc="scoring text", unit="window") if progress else plan):
         window = tokens[start:start + context + 1]
-        if len(window) < 2:
-            break
-        scored_from = 0 if start == 0 else context - stride
-        x = torch.tensor([window[:-1]], device=model.device)
-        y = torch.tensor(window[1:], device=model.device)
-        logits = model(x)[0].float()
-        losses = F.cross_entropy(logits, y, reduction="none")[scored_from:]
-        nll, count = nll + float(losses.sum()), count + losses.numel()
-        if limit and count >= limit or start + context + 1 >= len(tokens):
-            break
-    return math.exp(nll / count)
+        x = torch.tensor([window[:-1]], device=models[0].device)
+        y = torch.tensor(window[1:], device=models[0].device)[first:]
+        ref = None
+        for model, s in zip(models, scores):
+            logp = F.log_softmax(model(x)[0, first:].float(), dim=-1)
+            s.nll -= float(logp.gather(-1, y[:, None]).sum())
+            s.tokens += len(y)
+            if ref is None:
+                ref = logp
+            s.kl.append((ref.exp() * (ref - logp)).sum(-1).clamp(min=0).cpu())
+            s.top1_agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+    return scores
+
+
+def perplexity(model, tokens: list[int], context: int = 1024, stride: int | None = None,
+               limit: int | None = None) -> float:
+    """Token-level perplexity of one model over the first `limit` + 1 tokens."""
+    if limit:
+        tokens = tokens[:limit + 1]
+    return score_text([model], tokens, context, stride)[0].perplexity()

@@ -25,11 +25,10 @@ class QuantizeResult:
 def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: str | QuantScheme = "int4-eo8",
              search_clip: bool = False, share_embedding_output: bool = False, progress=True) -> QuantizeResult:
     """Quantize `source` (path or known name) with `method` under `scheme`; write the packed file `out`."""
-    from tqdm import tqdm
-
     from pocketquant.checkpoints import load_model
     from pocketquant.layers import check_plan
     from pocketquant.packed import save_packed
+    from pocketquant.progress import bar
     from pocketquant.quant import rtn
 
     if method not in METHODS:
@@ -44,7 +43,7 @@ def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: s
     model = loaded.model
     check_plan(model, scheme)  # refuse before any work
     config = rtn.RTNConfig(scheme, search_clip)
-    model = rtn.apply(model, config, progress=tqdm if progress else None)
+    model = rtn.apply(model, config, progress=bar if progress else None)
     save_packed(out, model, scheme, [config.to_dict()], loaded.tokenizer)
     lm = model.lm_head
     table = lm.qweight.numel() * lm.qweight.element_size() + lm.scales.numel() * lm.scales.element_size() \

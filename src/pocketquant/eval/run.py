@@ -1,0 +1,125 @@
+"""`evaluate`: score several models on exactly the same tokens and questions; the first is the reference."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pocketquant.errors import PocketQuantError
+
+SHIPPED_TASK = "basic-mc"
+
+
+@dataclass
+class ModelScores:
+    name: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    settings: dict
+    models: list[ModelScores]
+
+    def to_dict(self) -> dict:
+        return {"settings": self.settings,
+                "models": [{"name": m.name, **m.metrics, "tasks": m.tasks} for m in self.models]}
+
+
+def load_text(data: str | Path | None) -> tuple[str, str]:
+    """(text, description): the shipped evaluation text, a wikitext-2-raw directory or file, a plain text
+    file, or JSONL with a "text" field per line."""
+    import json
+
+    from pocketquant.data import read_text, shipped_text
+
+    if data is None:
+        return shipped_text("evaluation"), "shipped evaluation text (Python 3.11 Tutorial)"
+    path = Path(data)
+    if path.is_dir():
+        raw = path / "wiki.test.raw"
+        if not raw.exists():
+            raise PocketQuantError(f"{path}: a directory must be wikitext-2-raw (with wiki.test.raw)")
+        return read_text(raw), f"{raw} (wikitext-2-raw test split)"
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(read_text(path).splitlines(), 1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise PocketQuantError(f"{path}:{n}: expected a JSON object with a \"text\" field") from e
+        return "\n\n".join(texts), str(path)
+    return read_text(path), str(path)
+
+
+def task_files(tasks: list[str] | None) -> dict[str, Path]:
+    from importlib import resources
+
+    shipped = Path(str(resources.files("pocketquant").joinpath("texts", f"{SHIPPED_TASK}.jsonl")))
+    if tasks is None:
+        return {SHIPPED_TASK: shipped}
+    return {Path(t).stem if t != SHIPPED_TASK else t: shipped if t == SHIPPED_TASK else Path(t) for t in tasks}
+
+
+def evaluate(sources: list[str], data: str | None = None, tasks: list[str] | None = None, context: int = 1024,
+             stride: int | None = None, limit: int | None = None, fake_quant: str | None = None,
+             dtype: str = "float32", progress: bool = True) -> EvalResult:
+    """Load every model, score them on the same text and tasks; tasks=[] skips the tasks."""
+    from pocketquant.checkpoints import load_model
+    from pocketquant.eval.perplexity import score_text
+    from pocketquant.eval.tasks import load_mc, score_mc
+    from pocketquant.progress import bar as progress_bar
+
+    if not sources:
+        raise PocketQuantError("name at least one model")
+    if context < 2 or (stride is not None and not 0 < stride <= context):
+        raise PocketQuantError(f"need context >= 2 and 0 < stride <= context, got {context} and {stride}")
+    text, text_name = load_text(data)
+    mc = {name: load_mc(path) for name, path in task_files(tasks).items()}
+    names, models, tokenizer = [], [], None
+    for src in sources:
+        loaded = load_model(src, dtype)
+        tokenizer = tokenizer or loaded.tokenizer
+        _check_same_vocab(models, loaded, src)
+        names.append(str(src))
+        models.append(loaded.model)
+    if fake_quant:
+        models.append(_fake_quantized(sources[0], fake_quant, dtype))
+        names.append(f"{sources[0]} (fake-quant {fake_quant})")
+    if tokenizer is None:
+        raise PocketQuantError("none of the models has a tokenizer to turn the text into tokens")
+    tokens = tokenizer.encode(text)
+    if limit:
+        tokens = tokens[:limit + 1]
+    words = len(tokenizer.decode(tokens[1:]).split())
+    bar = progress_bar if progress else None
+    t0 = time.perf_counter()
+    scores = score_text(models, tokens, context, stride, bar)
+    out = []
+    for name, model, s in zip(names, models, scores):
+        m = ModelScores(name, {"ppl_token": s.perplexity(), "ppl_word": s.word_perplexity(words),
+                               "nll_per_token": s.nll / s.tokens, **s.kl_stats()})
+        m.tasks = {task: score_mc(model, tokenizer, items, bar) for task, items in mc.items()}
+        out.append(m)
+    settings = {"text": text_name, "tokens_scored": scores[0].tokens, "words": words, "context": context,
+                "stride": stride or context, "limit": limit, "dtype": dtype, "reference": names[0],
+                "tasks": {k: len(v) for k, v in mc.items()}, "seconds": round(time.perf_counter() - t0, 1)}
+    return EvalResult(settings, out)
+
+
+def _check_same_vocab(models, loaded, src):
+    if models and loaded.model.config.vocab_size != models[0].config.vocab_size:
+        raise PocketQuantError(f"{src}: vocabulary of {loaded.model.config.vocab_size} tokens differs from the "
+                               f"reference's {models[0].config.vocab_size}; models must share a tokenizer")
+
+
+def _fake_quantized(source: str, scheme: str, dtype: str):
+    """The reference model with its modules fake-quantized by `scheme` (weights stay float)."""
+    from pocketquant.checkpoints import load_model
+    from pocketquant.quant import qat
+    from pocketquant.scheme import get_scheme
+
+    return qat.prepare(load_model(source, dtype).model, get_scheme(scheme))
