@@ -152,3 +152,24 @@ def hf_to_gguf(model, path: Path, qtype=None, rope_freqs: torch.Tensor | None = 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def save_byte_tokenizer(directory: Path):
+    """A real byte-level tokenizer.json with exactly 256 tokens (one per byte), for the tiny models."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(directory / "tokenizer.json"))
+
+
+@pytest.fixture
+def tiny_text_dir(tmp_path):
+    """(directory, reference model): a tiny HF checkpoint that also has a 256-token tokenizer."""
+    model = hf_model(tie_word_embeddings=True, rope_scaling=None)
+    model.save_pretrained(tmp_path / "tiny")
+    save_byte_tokenizer(tmp_path / "tiny")
+    return tmp_path / "tiny", model

@@ -19,11 +19,16 @@ def smollm2(smollm2_gguf):
     return load_model(smollm2_gguf)
 
 
-def test_weights_and_logits_equal_transformers(smollm2, smollm2_gguf):
+@pytest.fixture(scope="module")
+def hf_reference(smollm2_gguf):
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                               dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                                dtype=torch.float32).eval()
+
+
+def test_weights_and_logits_equal_transformers(smollm2, hf_reference):
+    ref = hf_reference
     ours = smollm2.model
     ref_state = ref.state_dict()
     for name, w in ours.state_dict().items():  # q/k un-permuted the same way, independently
@@ -131,3 +136,25 @@ def test_rtn_int4_eo8_still_answers_and_perplexity_side_by_side(smollm2, smollm2
     print(f"\nSmolLM2-135M perplexity, shipped evaluation text, first 4096 tokens, context 512: "
           f"float (Q4_1 dequantized) {float_ppl:.3f}, RTN int4-eo8 {rtn_ppl:.3f}")
     assert float_ppl < rtn_ppl < 1.45 * float_ppl
+
+
+def test_token_perplexity_equals_transformers(smollm2, hf_reference):
+    from pocketquant.data import shipped_text
+    from pocketquant.eval.perplexity import score_text
+
+    tokens = smollm2.tokenizer.encode(shipped_text("evaluation"))[:2049]
+    ours = score_text([smollm2.model], tokens, context=1024)[0].perplexity()
+    nll = 0.0
+    for start in (0, 1024):
+        window = torch.tensor([tokens[start:start + 1025]])
+        with torch.no_grad():
+            nll += float(hf_reference(window, labels=window).loss) * 1024
+    assert ours == pytest.approx(torch.tensor(nll / 2048).exp().item(), rel=1e-4)
+
+
+def test_basic_mc_accuracy_is_above_chance(smollm2):
+    from pocketquant.eval.run import task_files
+    from pocketquant.eval.tasks import load_mc, score_mc
+
+    result = score_mc(smollm2.model, smollm2.tokenizer, load_mc(task_files(None)["basic-mc"]))
+    assert result["acc"] >= 0.45  # 48 four-way questions: chance is 25%; measured 56%

@@ -75,15 +75,34 @@ def packed_tensors(model) -> dict[str, torch.Tensor]:
 
 def save_packed(path: Path, model, scheme: QuantScheme, recipe: list[dict], tokenizer=None) -> Path:
     """Write the packed file atomically: a temporary file beside `path`, then a rename."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_json(),
                 "scheme": scheme.to_json(), "recipe": json.dumps(recipe),
                 "tokenizer": json.dumps(tokenizer.to_spec()) if tokenizer is not None else ""}
     tensors = packed_tensors(model)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata))
+    atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
     return path
+
+
+_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.float32: "F32", torch.int32: "I32", torch.int64: "I64"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+    """Stream tensors into a safetensors file at `path` (we write it ourselves so that no temporary
+    file other than our own exists: the library's writer keeps one of its own)."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors.values():
+            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def atomic_write(path: Path, write) -> None:

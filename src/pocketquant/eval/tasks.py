@@ -60,7 +60,7 @@ def score_mc(model, tokenizer, items: list[MCItem], progress=None) -> dict[str, 
         context = tokenizer.encode(f"Question: {item.question}\nAnswer:")
         lls = [continuation_logprob(model, context, tokenizer.encode(" " + c, add_bos=False))[0]
                for c in item.choices]
-        norm = [ll / len((" " + c).encode()) for ll, c in zip(lls, item.choices)]
+        norm = [ll / len(c) for ll, c in zip(lls, item.choices)]
         correct += max(range(len(lls)), key=lls.__getitem__) == item.answer
         correct_norm += max(range(len(norm)), key=norm.__getitem__) == item.answer
     return {"acc": correct / len(items), "acc_norm": correct_norm / len(items), "n": len(items)}
