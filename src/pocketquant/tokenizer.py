@@ -37,6 +37,7 @@ class Tokenizer:
         self.chat_template = chat_template or _default_template(special)
         stops = [special[t] for t in (eos_token, *STOP_TOKENS) if t in special]
         self.stop_ids = frozenset(stops)
+        self.pre = None  # llama.cpp's name for the pre-tokenizer, when known (GGUF export writes it)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special-token strings in it map to their ids. BOS as the model expects,
@@ -66,15 +67,18 @@ class Tokenizer:
     def to_spec(self) -> dict:
         """Everything needed to rebuild this tokenizer, as JSON-able data (stored in packed files)."""
         return {**self.backend.to_spec(), "special": self.special, "bos_token": self.bos_token,
-                "eos_token": self.eos_token, "add_bos": self.add_bos, "chat_template": self.chat_template}
+                "eos_token": self.eos_token, "add_bos": self.add_bos, "chat_template": self.chat_template,
+                "pre": self.pre}
 
     @classmethod
     def from_spec(cls, d: dict) -> "Tokenizer":
         kinds = {"hf": _HFBackend, "tiktoken-llama3": _TiktokenBackend}
         if d.get("kind") not in kinds:
             raise PocketQuantError(f"unknown tokenizer kind {d.get('kind')!r}")
-        return cls(kinds[d["kind"]].from_spec(d), d["special"], d["bos_token"], d["eos_token"], d["add_bos"],
-                   d["chat_template"])
+        tok = cls(kinds[d["kind"]].from_spec(d), d["special"], d["bos_token"], d["eos_token"], d["add_bos"],
+                  d["chat_template"])
+        tok.pre = d.get("pre")
+        return tok
 
 
 def _default_template(special: dict[str, int]) -> str | None:
@@ -228,7 +232,9 @@ def from_gguf(reader, path: Path) -> Tokenizer:
     bos, eos = token_at("tokenizer.ggml.bos_token_id"), token_at("tokenizer.ggml.eos_token_id")
     special.update({t: tokens.index(t) for t in (bos, eos) if t})
     add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", False))
-    return Tokenizer(_HFBackend(tok), special, bos, eos, add_bos, field(reader, "tokenizer.chat_template"))
+    out = Tokenizer(_HFBackend(tok), special, bos, eos, add_bos, field(reader, "tokenizer.chat_template"))
+    out.pre = field(reader, "tokenizer.ggml.pre", "gpt2")
+    return out
 
 
 def _gguf_pre_tokenizer(pre: str, pre_tokenizers, Regex):

@@ -13,6 +13,8 @@ VERBS = {
     "quantize": "quantize a float model into a packed file",
     "inspect": "show what a packed file holds and where its bytes go",
     "eval": "perplexity, KL-divergence and task accuracy, side by side",
+    "bench": "size, memory and speed side by side with the float model and llama.cpp",
+    "export": "write a model in another runtime's format (GGUF)",
     "generate": "generate text from a prompt",
     "chat": "talk with a model in the terminal",
 }

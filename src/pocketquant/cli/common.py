@@ -10,6 +10,8 @@ def add_model_options(p: argparse.ArgumentParser):
                    help="a path (HF directory, Meta directory, .gguf) or a known name such as smollm2-135m")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--runtime", default="fast", choices=["fast", "reference"],
+                   help="for packed files: native kernels (default) or the reference definition")
 
 
 def add_sampling_options(p: argparse.ArgumentParser):
@@ -33,11 +35,11 @@ def set_threads(threads: int | None):
 
 def open_model(args):
     """Load the model the arguments name; it must have a tokenizer to run on text."""
-    from pocketquant.checkpoints import load_model
     from pocketquant.errors import PocketQuantError
+    from pocketquant.runtime import load
 
     set_threads(args.threads)
-    loaded = load_model(args.model, args.dtype)
+    loaded = load(args.model, args.dtype, args.runtime)
     if loaded.tokenizer is None:
         raise PocketQuantError(f"{args.model} has no tokenizer, so it cannot run on text")
     return loaded

@@ -17,6 +17,8 @@ def register(p):
                    help="also score the reference fake-quantized with SCHEME (e.g. int4-eo8)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--runtime", default="fast", choices=["fast", "reference"],
+                   help="for packed files: native kernels (default) or the reference definition")
     p.add_argument("--json", default=None, metavar="FILE", help="write every figure as JSON")
     p.add_argument("--report", default=None, metavar="DIR", help="write report.md and plot.png")
     p.set_defaults(run=run)
@@ -29,7 +31,7 @@ def run(args) -> int:
 
     set_threads(args.threads)
     result = evaluate(args.models, args.data, args.tasks, args.context, args.stride, args.limit,
-                      args.fake_quant, args.dtype)
+                      args.fake_quant, args.dtype, runtime=args.runtime)
     print(table(result))
     if args.json:
         write_json(result, args.json)

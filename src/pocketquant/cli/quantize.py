@@ -9,6 +9,8 @@ def register(p):
     p.add_argument("--method", default="rtn", help="rtn (default)")
     p.add_argument("--scheme", default="int4-eo8",
                    help="int4-eo8 (default), int4-eo8-g128, int8, w4-g32")
+    p.add_argument("--scale-rule", default=None, choices=["signed-max", "absmax"],
+                   help="how block-linear scales are chosen (default: the scheme's, signed-max)")
     p.add_argument("--search-clip", action="store_true",
                    help="search a clipping ratio per group that minimizes the weight error")
     p.add_argument("--share-embedding-output", action="store_true",
@@ -20,7 +22,7 @@ def run(args) -> int:
     from pocketquant.quant.recipe import quantize
 
     r = quantize(args.model, args.output, args.method, args.scheme, args.search_clip,
-                 args.share_embedding_output)
+                 args.share_embedding_output, args.scale_rule)
     print(f"wrote {r.path} ({r.file_bytes:,} bytes)")
     if r.can_share and r.shared:
         print(f"embedding and output share one int8 table; separate tables would add "

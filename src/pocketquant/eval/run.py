@@ -66,12 +66,12 @@ def task_files(tasks: list[str] | None) -> dict[str, Path]:
 
 def evaluate(sources: list[str], data: str | None = None, tasks: list[str] | None = None, context: int = 1024,
              stride: int | None = None, limit: int | None = None, fake_quant: str | None = None,
-             dtype: str = "float32", progress: bool = True) -> EvalResult:
+             dtype: str = "float32", progress: bool = True, runtime: str = "fast") -> EvalResult:
     """Load every model, score them on the same text and tasks; tasks=[] skips the tasks."""
-    from pocketquant.checkpoints import load_model
     from pocketquant.eval.perplexity import score_text
     from pocketquant.eval.tasks import load_mc, score_mc
     from pocketquant.progress import bar as progress_bar
+    from pocketquant.runtime import load
 
     if not sources:
         raise PocketQuantError("name at least one model")
@@ -81,7 +81,7 @@ def evaluate(sources: list[str], data: str | None = None, tasks: list[str] | Non
     mc = {name: load_mc(path) for name, path in task_files(tasks).items()}
     names, models, tokenizer = [], [], None
     for src in sources:
-        loaded = load_model(src, dtype)
+        loaded = load(src, dtype, runtime)
         tokenizer = tokenizer or loaded.tokenizer
         _check_same_vocab(models, loaded, src)
         names.append(str(src))
@@ -105,7 +105,7 @@ def evaluate(sources: list[str], data: str | None = None, tasks: list[str] | Non
         m.tasks = {task: score_mc(model, tokenizer, items, bar) for task, items in mc.items()}
         out.append(m)
     settings = {"text": text_name, "tokens_scored": scores[0].tokens, "words": words, "context": context,
-                "stride": stride or context, "limit": limit, "dtype": dtype, "reference": names[0],
+                "stride": stride or context, "limit": limit, "dtype": dtype, "runtime": runtime, "reference": names[0],
                 "tasks": {k: len(v) for k, v in mc.items()}, "seconds": round(time.perf_counter() - t0, 1)}
     return EvalResult(settings, out)
 

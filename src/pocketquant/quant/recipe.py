@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ class QuantizeResult:
 
 
 def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: str | QuantScheme = "int4-eo8",
-             search_clip: bool = False, share_embedding_output: bool = False, progress=True) -> QuantizeResult:
+             search_clip: bool = False, share_embedding_output: bool = False, scale_rule: str | None = None,
+             progress=True) -> QuantizeResult:
     """Quantize `source` (path or known name) with `method` under `scheme`; write the packed file `out`."""
     from pocketquant.checkpoints import load_model
     from pocketquant.layers import check_plan
@@ -37,6 +39,9 @@ def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: s
     if out.suffix != ".safetensors":
         raise PocketQuantError(f"the output file must end in .safetensors, got {out.name}")
     scheme = get_scheme(scheme)
+    if scale_rule is not None:  # the int4/int8 scale rule of the block linears
+        weight = dataclasses.replace(scheme.linear.weight, scale_rule=scale_rule)
+        scheme = scheme.replace(linear=dataclasses.replace(scheme.linear, weight=weight))
     if share_embedding_output:
         scheme = scheme.replace(share_embedding_output=True)
     loaded = load_model(source, torch.float32)

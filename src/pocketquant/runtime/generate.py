@@ -48,21 +48,23 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> to
 
 @torch.inference_mode()
 def stream_tokens(model: Transformer, prompt: list[int], max_new_tokens: int,
-                  sampling: Sampling = Sampling(), stop_ids=frozenset()) -> Iterator[int]:
-    """Yield up to `max_new_tokens` new token ids after `prompt`, stopping after a stop id."""
+                  sampling: Sampling = Sampling(), stop_ids=frozenset(), caches=None,
+                  start_pos: int = 0) -> Iterator[int]:
+    """Yield up to `max_new_tokens` new token ids after `prompt`, stopping after a stop id.
+    With `caches`, the prompt continues a sequence whose first `start_pos` tokens are already cached."""
     if not prompt:
         raise PocketQuantError("the prompt is empty")
-    total = len(prompt) + max_new_tokens
+    total = start_pos + len(prompt) + max_new_tokens
     if total > model.config.max_seq_len:
-        raise PocketQuantError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                               f"the model's context of {model.config.max_seq_len} tokens")
+        raise PocketQuantError(f"prompt ({start_pos + len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+                               f"exceeds the model's context of {model.config.max_seq_len} tokens")
     device = model.device
     gen = None
     if sampling.seed is not None:
         gen = torch.Generator(device=device).manual_seed(sampling.seed)
-    caches = model.new_caches(1, total)
-    logits = model(torch.tensor([prompt], device=device), caches, 0)[:, -1]
-    pos = len(prompt)
+    caches = caches or model.new_caches(1, total)
+    logits = model(torch.tensor([prompt], device=device), caches, start_pos)[:, -1]
+    pos = start_pos + len(prompt)
     for _ in range(max_new_tokens):
         token = sample(logits, sampling, gen)
         yield int(token)

@@ -1,0 +1,38 @@
+"""`pocketquant bench PACKED --float MODEL [--llama-cpp]`."""
+
+from __future__ import annotations
+
+
+def register(p):
+    p.add_argument("packed", metavar="PACKED", help="a packed .safetensors file (the first column)")
+    p.add_argument("--float", dest="float_source", default=None, metavar="MODEL",
+                   help="its float model (path or name, e.g. smollm2-135m or random:llama-3.2-1b)")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="also run llama.cpp (llama-cpp-python) on a GGUF export of the same weights")
+    p.add_argument("--reference", action="store_true", help="also time the reference runtime")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None, metavar="FILE")
+    p.add_argument("--plot", default=None, metavar="PNG")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import sys
+
+    from pocketquant.bench import Settings, bench, plot, table, write_json
+    from pocketquant.errors import PocketQuantError
+
+    if min(args.threads, args.prompt_tokens, args.decode_tokens, args.repeats) < 1:
+        raise PocketQuantError("--threads, --prompt-tokens, --decode-tokens and --repeats must be >= 1")
+    settings = Settings(args.threads, args.prompt_tokens, args.decode_tokens, args.repeats)
+    result = bench(args.packed, args.float_source, args.llama_cpp, args.reference, settings,
+                   progress=lambda m: print(m, file=sys.stderr))
+    print(table(result))
+    if args.json:
+        write_json(result, args.json)
+    if args.plot:
+        plot(result, args.plot)
+    return 0

@@ -1,0 +1,94 @@
+"""ctypes binding of the native kernels (kernels.c): raw pointers in, no PyTorch headers involved."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+from pathlib import Path
+
+import torch
+
+from pocketquant.errors import PocketQuantError
+
+LEVELS = {0: "portable C", 1: "AVX2", 2: "AVX-512 VNNI"}
+_lib = None
+P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def lib():
+    """The loaded kernel library (built when the package is installed)."""
+    global _lib
+    if _lib is None:
+        here = Path(__file__).parent
+        found = [here / f"_kernels{s}" for s in importlib.machinery.EXTENSION_SUFFIXES
+                 if (here / f"_kernels{s}").exists()]
+        if not found:
+            raise PocketQuantError("the native kernels are not built: reinstall pocketquant with a C compiler "
+                                   "present (pip install .), or use the reference runtime")
+        _lib = ctypes.CDLL(str(found[0]))
+        _lib.pq_quantize_rows.argtypes = [P, I64, I64, P, P, P]
+        _lib.pq_linear_w4.argtypes = [P, P, P, I64, I64, P, P, P, I64, P, I64, INT]
+        _lib.pq_linear_w8.argtypes = [P, P, P, I64, I64, P, P, P, P, I64, INT]
+        _lib.pq_hadamard.argtypes = [P, I64, I64]
+        _lib.pq_set_level.argtypes = [INT]
+    return _lib
+
+
+def available() -> bool:
+    try:
+        lib()
+    except PocketQuantError:
+        return False
+    return True
+
+
+def level() -> str:
+    return LEVELS[lib().pq_level()]
+
+
+def set_level(wanted: int) -> str:
+    """Use a lower kernel path than the CPU allows (tests compare every path); -1 restores the best."""
+    return LEVELS[lib().pq_set_level(wanted)]
+
+
+def _p(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def quantize_rows(x: torch.Tensor):
+    """float32 [M, K] -> (u8 = q + 128 [M, K], scale float32 [M], zero point int32 [M])."""
+    M, K = x.shape
+    x = x.contiguous()
+    qa = torch.empty(M, K, dtype=torch.uint8)
+    scale, zp = torch.empty(M, dtype=torch.float32), torch.empty(M, dtype=torch.int32)
+    lib().pq_quantize_rows(_p(x), M, K, _p(qa), _p(scale), _p(zp))
+    return qa, scale, zp
+
+
+def linear_w4(acts, qweight: torch.Tensor, scales_f16: torch.Tensor, rowcorr: torch.Tensor, group: int,
+              threads: int) -> torch.Tensor:
+    qa, scale, zp = acts
+    M, K = qa.shape
+    N = qweight.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    lib().pq_linear_w4(_p(qa), _p(scale), _p(zp), M, K, _p(qweight), _p(scales_f16), _p(rowcorr), group,
+                       _p(y), N, threads)
+    return y
+
+
+def linear_w8(acts, qweight: torch.Tensor, scales: torch.Tensor, wsum: torch.Tensor, threads: int) -> torch.Tensor:
+    qa, scale, zp = acts
+    M, K = qa.shape
+    N = qweight.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    lib().pq_linear_w8(_p(qa), _p(scale), _p(zp), M, K, _p(qweight), _p(scales), _p(wsum), _p(y), N, threads)
+    return y
+
+
+def hadamard_(x: torch.Tensor) -> torch.Tensor:
+    """In place: each row of float32 x [M, n] (n a power of two) times the normalized Hadamard matrix."""
+    M, n = x.shape
+    if n & (n - 1) or not x.is_contiguous() or x.dtype != torch.float32:
+        raise PocketQuantError(f"hadamard needs contiguous float32 rows of a power-of-two width, got {n}")
+    lib().pq_hadamard(_p(x), M, n)
+    return x
