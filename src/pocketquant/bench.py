@@ -49,7 +49,7 @@ def _torch_runner(cfg: Config, s: Settings):
     def once():
         caches = model.new_caches(1, s.prompt_tokens + s.decode_tokens + 1)
         t0 = time.perf_counter()
-        logits = model(torch.tensor([prompt]), caches, 0)[:, -1]
+        logits = model(torch.tensor([prompt]), caches, 0, last_only=True)[:, -1]
         token = int(logits.argmax(-1))
         t1 = time.perf_counter()
         tokens = stream_tokens(model, [token], s.decode_tokens, caches=caches, start_pos=s.prompt_tokens)
@@ -60,11 +60,20 @@ def _torch_runner(cfg: Config, s: Settings):
     return once, _weight_bytes(cfg, model)
 
 
+def llama_last_logits(llm):
+    """The logits of the last evaluated token (llama-cpp-python fills `scores` only in some modes)."""
+    import llama_cpp
+    import numpy as np
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+
 def _llama_runner(cfg: Config, s: Settings):
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=cfg.source, n_ctx=s.prompt_tokens + s.decode_tokens + 8, n_batch=s.prompt_tokens,
+    n_ctx = s.prompt_tokens + s.decode_tokens + 8  # n_batch = n_ctx: llama-cpp-python keeps n_batch rows of logits
+    llm = Llama(model_path=cfg.source, n_ctx=n_ctx, n_batch=n_ctx,
                 n_threads=s.threads, n_threads_batch=s.threads, verbose=False)
     prompt = prompt_ids(llm.n_vocab(), s.prompt_tokens)
 
@@ -72,11 +81,11 @@ def _llama_runner(cfg: Config, s: Settings):
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(llama_last_logits(llm)))
         t1 = time.perf_counter()
         for _ in range(s.decode_tokens):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(llama_last_logits(llm)))
         t2 = time.perf_counter()
         return t1 - t0, s.decode_tokens / (t2 - t1)
     return once, Path(cfg.source).stat().st_size
@@ -102,9 +111,21 @@ def measure(cfg: Config, s: Settings) -> dict:
     runs = [once() for _ in range(s.repeats)]
     ttft = statistics.median(r[0] for r in runs)
     return {"label": cfg.label, "kind": cfg.kind, "source": cfg.source, "dtype": cfg.dtype,
-            "file_bytes": size, "load_s": load_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "file_bytes": size, "load_s": load_s, "peak_rss_mb": peak_rss_mb(),
             "ttft_ms": 1000 * ttft, "prefill_tok_s": s.prompt_tokens / ttft,
             "decode_tok_s": statistics.median(r[1] for r in runs)}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM starts afresh at exec; ru_maxrss does not
+    (a spawned child would inherit its parent's peak), so it is only the fallback."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _child(cfg, s, queue):

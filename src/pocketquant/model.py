@@ -154,14 +154,15 @@ class Transformer(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
-                start_pos: int = 0) -> torch.Tensor:
+                start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V], or [B, 1, V] for the last position only (what generation needs)."""
         T = tokens.shape[1]
         x = self.embed_tokens(tokens)
         cos, sin = self.rope(start_pos, T, x.dtype)
         mask = self.attention_mask(start_pos, T, caches is not None, x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, None if caches is None else caches[i], start_pos)
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
 
     @staticmethod
     def attention_mask(start_pos: int, T: int, cached: bool, device) -> torch.Tensor | None:

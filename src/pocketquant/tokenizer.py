@@ -215,7 +215,7 @@ def from_gguf(reader, path: Path) -> Tokenizer:
         raise PocketQuantError(f"{path}: GGUF tokenizer type {kind!r} is not supported; expected BPE ('gpt2')")
     tokens = field(reader, "tokenizer.ggml.tokens")
     types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
+    merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges") or []]
     tok = HFTok(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                            fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = _gguf_pre_tokenizer(field(reader, "tokenizer.ggml.pre", "gpt2"), pre_tokenizers, Regex)

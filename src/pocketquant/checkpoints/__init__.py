@@ -79,7 +79,7 @@ def _load_path(path: Path, dtype):
         return model, tokenizer
     if path.is_file() and path.suffix == ".gguf":
         reader = gguf.open_gguf(path)
-        has_tok = "tokenizer.ggml.model" in reader.fields
+        has_tok = gguf.field(reader, "tokenizer.ggml.model", "none") not in ("none", "no_vocab")
         return gguf.load_gguf(path, dtype, reader), tk.from_gguf(reader, path) if has_tok else None
     if hf.is_hf_dir(path):
         has_tok = (path / "tokenizer.json").exists()

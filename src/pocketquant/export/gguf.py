@@ -86,11 +86,13 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "Q4_0") -> Path
 
     if qtype not in TYPES:
         raise PocketQuantError(f"unknown GGUF type {qtype!r}; expected one of {', '.join(TYPES)}")
-    if tokenizer is None or tokenizer.to_spec()["kind"] != "hf":
-        raise PocketQuantError("GGUF export needs a BPE tokenizer (tokenizer.json or a GGUF's own)")
+    if tokenizer is not None and tokenizer.to_spec()["kind"] != "hf":
+        raise PocketQuantError("GGUF export writes BPE tokenizers (tokenizer.json or a GGUF's own); this model's "
+                               "is not one")
     path = Path(path)
     c = model.config
-    tensors = {"token_embd.weight": model.embed_tokens if isinstance(model.embed_tokens, QuantEmbedding)
+    tensors = _rope_freqs(c)
+    tensors |= {"token_embd.weight": model.embed_tokens if isinstance(model.embed_tokens, QuantEmbedding)
                else model.embed_tokens.weight, "output_norm.weight": model.norm.weight}
     if not (c.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear)):
         tensors["output.weight"] = model.lm_head if isinstance(model.lm_head, QuantLinear) else model.lm_head.weight
@@ -102,7 +104,10 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "Q4_0") -> Path
     def write(tmp: Path):
         w = gguf.GGUFWriter(str(tmp), "llama")
         _write_config(w, c)
-        _write_tokenizer(w, tokenizer)
+        if tokenizer is None:  # e.g. a random-weight shape: llama.cpp runs it on token ids alone
+            w.add_tokenizer_model("none")
+        else:
+            _write_tokenizer(w, tokenizer)
         for name, t in tensors.items():
             heads = c.n_heads if ".attn_q." in name else c.n_kv_heads if ".attn_k." in name else None
             array, raw = _tensor(t, qtype, heads)
@@ -131,7 +136,17 @@ def _write_config(w, c):
     w.add_layer_norm_rms_eps(c.norm_eps)
     w.add_vocab_size(c.vocab_size)
     if c.rope_scaling is not None:
-        raise PocketQuantError("GGUF export of Llama 3 RoPE scaling (rope_freqs) is not supported yet")
+        w.add_rope_scaling_orig_ctx_len(c.rope_scaling.original_max_position_embeddings)
+
+
+def _rope_freqs(c) -> dict:
+    """Llama 3 RoPE scaling as llama.cpp keeps it: a divisor per frequency (`rope_freqs.weight`)."""
+    if c.rope_scaling is None:
+        return {}
+    from pocketquant.model import rope_inv_freq
+
+    plain = rope_inv_freq(c.head_dim, c.rope_theta, None)
+    return {"rope_freqs.weight": plain / rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)}
 
 
 def _write_tokenizer(w, tokenizer):

@@ -1,5 +1,7 @@
 """The fast runtime: swap a packed model's reference QuantLinear modules for ones that call the native
-kernels. Each activation is quantized once and reused by every projection that reads it (q/k/v, gate/up)."""
+kernels, reading the packed weights where they lie (no copies). Each activation is quantized once and
+reused by every projection that reads it (q/k/v, gate/up); a one-token decode step runs each decoder
+layer as a single native call."""
 
 from __future__ import annotations
 
@@ -7,7 +9,11 @@ import torch
 from torch import nn
 
 from pocketquant.layers import QuantLinear, set_module
+from pocketquant.packing import unpack_int4
 from pocketquant.runtime import kernels
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 class SharedActivations:
@@ -31,17 +37,15 @@ class FastLinear(nn.Module):
     def __init__(self, q: QuantLinear, shared: SharedActivations):
         super().__init__()
         self.in_features, self.out_features, self.spec, self.shared = q.in_features, q.out_features, q.spec, shared
-        w = q.int_weight().to(torch.int32)
-        self.bits = q.spec.weight.bits
-        self.group = q.spec.weight.group_for(q.in_features)
+        self.bits, self.group = q.spec.weight.bits, q.spec.weight.group_for(q.in_features)
         self.qweight = q.qweight
         if self.bits == 4:
-            self.scales = q.scales.to(torch.float16).contiguous().view(torch.int16)
-            sums = w.reshape(q.out_features, -1, self.group).sum(-1).double()
-            self.rowcorr = (sums * q.scales.double()).sum(-1).float()
+            self.scales = q.scales.view(torch.int16)  # float16 bits, read as such by the kernel
+            sums = group_sums(q.qweight, self.group, unpack=True)
+            self.rowcorr = (sums.double() * q.scales.double()).sum(-1).float()  # sum_g scale_g * sum(w in g)
         else:
             self.scales = q.scales.float().reshape(-1).contiguous()
-            self.wsum = w.sum(-1).to(torch.int32)
+            self.wsum = group_sums(q.qweight, q.in_features, unpack=False)[:, 0].contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         acts = self.shared.get(x)
@@ -50,27 +54,80 @@ class FastLinear(nn.Module):
             y = kernels.linear_w4(acts, self.qweight, self.scales, self.rowcorr, self.group, threads)
         else:
             y = kernels.linear_w8(acts, self.qweight, self.scales, self.wsum, threads)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def runs_fast(q: QuantLinear) -> bool:
-    """The kernels cover int8 asymmetric per-token activations with int4 (groups of 32k) or int8 weights."""
+def group_sums(qweight: torch.Tensor, group: int, unpack: bool, rows: int = 256) -> torch.Tensor:
+    """Integer sum of each group of weights [N, K / group], a block of rows at a time (no full-size
+    temporary: the output layer of a Llama 3 model holds 260 M weights)."""
+    out = []
+    for r in range(0, qweight.shape[0], rows):
+        w = unpack_int4(qweight[r:r + rows]) if unpack else qweight[r:r + rows]
+        out.append(w.reshape(w.shape[0], -1, group).sum(-1, dtype=torch.int32))
+    return torch.cat(out)
+
+
+def runs_fast(q) -> bool:
+    """The kernels cover int8 asymmetric per-token activations with int4 weights (groups of 32k, float16
+    scales) or int8 per-channel weights."""
+    if not isinstance(q, QuantLinear):
+        return False
     a, w = q.spec.act, q.spec.weight
-    return (a is not None and not a.symmetric and q.in_features % 32 == 0
-            and (w.bits == 8 and w.group_size == 0 or w.bits == 4 and w.group_for(q.in_features) % 32 == 0))
+    if a is None or a.symmetric or q.in_features % 32:
+        return False
+    if w.bits == 8:
+        return w.group_size == 0
+    return w.group_for(q.in_features) % 32 == 0 and w.scale_dtype == "float16"
+
+
+class FastDecoderLayer(nn.Module):
+    """A decoder layer whose one-token steps run as one native call (norms, projections, RoPE, attention
+    over the cache, SwiGLU). Longer inputs (prefill) take the module path, on the same cache."""
+
+    def __init__(self, layer: nn.Module, config):
+        super().__init__()
+        self.layer = layer
+        p = kernels.LayerParams()
+        p.dim, p.n_heads, p.n_kv, p.head_dim, p.ffn = (config.dim, config.n_heads, config.n_kv_heads,
+                                                        config.head_dim, config.ffn_dim)
+        p.eps = layer.input_layernorm.eps
+        p.attn_norm = layer.input_layernorm.weight.data_ptr()
+        p.ffn_norm = layer.post_attention_layernorm.weight.data_ptr()
+        for i, name in enumerate(PROJECTIONS):  # the modules keep these tensors alive
+            f = layer.get_submodule(name)
+            p.w[i], p.s[i], p.c[i], p.g[i] = (f.qweight.data_ptr(), f.scales.data_ptr(), f.rowcorr.data_ptr(),
+                                              f.group)
+        self.params = p
+        c = config
+        self.scratch = torch.empty(2 * (c.n_heads + c.n_kv_heads) * c.head_dim + 3 * c.ffn_dim + c.dim
+                                   + c.max_seq_len + 1, dtype=torch.float32)
+        self.qa = torch.empty(max(c.dim, c.n_heads * c.head_dim, c.ffn_dim), dtype=torch.uint8)
+
+    def forward(self, x, cos, sin, mask, cache, start_pos):
+        if x.shape[:2] != (1, 1) or cache is None or x.dtype != torch.float32:
+            return self.layer(x, cos, sin, mask, cache, start_pos)
+        self.params.max_t = cache.k.shape[2]
+        out = x.reshape(-1).clone()
+        kernels.decode_layer(self.params, out, cache.k, cache.v, start_pos, cos.reshape(-1).contiguous(),
+                             sin.reshape(-1).contiguous(), self.scratch, self.qa, torch.get_num_threads())
+        return out.view(1, 1, -1)
 
 
 def use_fast_kernels(model: nn.Module) -> nn.Module:
-    """Replace every QuantLinear the kernels cover (the rest keep the reference forward)."""
-    for layer in model.layers:
-        shared = {"attn": SharedActivations(), "mlp": SharedActivations(), "o": SharedActivations(),
-                  "down": SharedActivations()}
-        for name, key in (("self_attn.q_proj", "attn"), ("self_attn.k_proj", "attn"), ("self_attn.v_proj", "attn"),
-                          ("self_attn.o_proj", "o"), ("mlp.gate_proj", "mlp"), ("mlp.up_proj", "mlp"),
-                          ("mlp.down_proj", "down")):
-            module = layer.get_submodule(name)
-            if isinstance(module, QuantLinear) and runs_fast(module):
-                set_module(layer, name, FastLinear(module, shared[key]))
-    if isinstance(model.lm_head, QuantLinear) and runs_fast(model.lm_head):
+    """Replace every QuantLinear the kernels cover (the rest keep the reference forward); layers whose
+    projections are all int4 on the kernels decode natively."""
+    for i, layer in enumerate(model.layers):
+        shared = {"self_attn.q_proj": "in", "self_attn.k_proj": "in", "self_attn.v_proj": "in",
+                  "mlp.gate_proj": "post", "mlp.up_proj": "post"}
+        caches = {"in": SharedActivations(), "post": SharedActivations()}
+        for name in PROJECTIONS:
+            q = layer.get_submodule(name)
+            if runs_fast(q):
+                set_module(layer, name, FastLinear(q, caches.get(shared.get(name), SharedActivations())))
+        if all(isinstance(layer.get_submodule(n), FastLinear) and layer.get_submodule(n).bits == 4
+               for n in PROJECTIONS):
+            model.layers[i] = FastDecoderLayer(layer, model.config)
+    if runs_fast(model.lm_head):
         model.lm_head = FastLinear(model.lm_head, SharedActivations())
     return model

@@ -63,14 +63,14 @@ def stream_tokens(model: Transformer, prompt: list[int], max_new_tokens: int,
     if sampling.seed is not None:
         gen = torch.Generator(device=device).manual_seed(sampling.seed)
     caches = caches or model.new_caches(1, total)
-    logits = model(torch.tensor([prompt], device=device), caches, start_pos)[:, -1]
+    logits = model(torch.tensor([prompt], device=device), caches, start_pos, last_only=True)[:, -1]
     pos = start_pos + len(prompt)
     for _ in range(max_new_tokens):
         token = sample(logits, sampling, gen)
         yield int(token)
         if int(token) in stop_ids:
             return
-        logits = model(token[:, None], caches, pos)[:, -1]
+        logits = model(token[:, None], caches, pos, last_only=True)[:, -1]
         pos += 1
 
 

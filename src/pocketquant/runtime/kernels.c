@@ -308,3 +308,93 @@ void pq_hadamard(float *x, int64_t M, int64_t n) {
         for (int64_t i = 0; i < n; i++) r[i] *= norm;
     }
 }
+
+/* ---- one whole decoder layer for one token (decode): no Python between its steps ----------------- */
+
+typedef struct {
+    int64_t dim, n_heads, n_kv, head_dim, ffn, max_t;
+    float eps;
+    const float *attn_norm, *ffn_norm;
+    /* the seven projections in the order q, k, v, o, gate, up, down: int4 (Q4_0 layout), float16 scales,
+     * per-row corrections (see pq_linear_w4), group sizes */
+    const uint8_t *w[7];
+    const uint16_t *s[7];
+    const float *c[7];
+    int64_t g[7];
+} pq_layer;
+
+static void rms_norm(const float *x, const float *w, float eps, int64_t n, float *out) {
+    double ss = 0.0; /* float64 sum, then float32 as torch's mean of float32 squares (close, not exact) */
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+static void rope(float *v, const float *cos, const float *sin, int64_t heads, int64_t d) {
+    int64_t h2 = d / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float *r = v + h * d;
+        for (int64_t i = 0; i < h2; i++) {
+            float a = r[i], b = r[i + h2];
+            r[i] = a * cos[i] - b * sin[i];
+            r[i + h2] = b * cos[i + h2] + a * sin[i + h2];
+        }
+    }
+}
+
+/* x [dim] is updated in place; k/v caches are [n_kv, max_t, head_dim]; cos/sin [head_dim] for `pos`;
+ * scratch holds at least 2 * (n_heads + n_kv) * head_dim + 3 * ffn + dim + pos + 1 floats; qa holds
+ * max(dim, n_heads * head_dim, ffn) bytes. */
+void pq_decode_layer(const pq_layer *L, float *x, float *kc, float *vc, int64_t pos, const float *cos,
+                     const float *sin, float *scratch, uint8_t *qa, int threads) {
+    enum { Q, K, V, O, GATE, UP, DOWN };
+    int64_t D = L->head_dim, H = L->n_heads, KV = L->n_kv, dim = L->dim, F = L->ffn;
+    int64_t nq = H * D, nkv = KV * D;
+    float *h = scratch, *q = h + (dim > F ? dim : F), *k = q + nq, *v = k + nkv, *att = v + nkv;
+    float *g = att + nq, *u = g + F, *probs = u + F;
+    float scale;
+    int32_t zp;
+
+    rms_norm(x, L->attn_norm, L->eps, dim, h);
+    pq_quantize_rows(h, 1, dim, qa, &scale, &zp); /* once for q, k and v */
+    pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[Q], L->s[Q], L->c[Q], L->g[Q], q, nq, threads);
+    pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[K], L->s[K], L->c[K], L->g[K], k, nkv, threads);
+    pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[V], L->s[V], L->c[V], L->g[V], v, nkv, threads);
+    rope(q, cos, sin, H, D);
+    rope(k, cos, sin, KV, D);
+    for (int64_t j = 0; j < KV; j++) {
+        memcpy(kc + (j * L->max_t + pos) * D, k + j * D, D * sizeof(float));
+        memcpy(vc + (j * L->max_t + pos) * D, v + j * D, D * sizeof(float));
+    }
+    float inv = 1.0f / sqrtf((float)D);
+    for (int64_t hd = 0; hd < H; hd++) {
+        const float *qh = q + hd * D;
+        const float *kh = kc + (hd / (H / KV)) * L->max_t * D, *vh = vc + (hd / (H / KV)) * L->max_t * D;
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t t = 0; t <= pos; t++) {
+            float sdot = 0.0f;
+            for (int64_t i = 0; i < D; i++) sdot += qh[i] * kh[t * D + i];
+            probs[t] = sdot * inv;
+            mx = probs[t] > mx ? probs[t] : mx;
+        }
+        for (int64_t t = 0; t <= pos; t++) { probs[t] = expf(probs[t] - mx); sum += probs[t]; }
+        float *oh = att + hd * D;
+        for (int64_t i = 0; i < D; i++) oh[i] = 0.0f;
+        for (int64_t t = 0; t <= pos; t++) {
+            float p = probs[t] / sum;
+            for (int64_t i = 0; i < D; i++) oh[i] += p * vh[t * D + i];
+        }
+    }
+    pq_quantize_rows(att, 1, nq, qa, &scale, &zp);
+    pq_linear_w4(qa, &scale, &zp, 1, nq, L->w[O], L->s[O], L->c[O], L->g[O], h, dim, threads);
+    for (int64_t i = 0; i < dim; i++) x[i] += h[i];
+
+    rms_norm(x, L->ffn_norm, L->eps, dim, h);
+    pq_quantize_rows(h, 1, dim, qa, &scale, &zp); /* once for gate and up */
+    pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[GATE], L->s[GATE], L->c[GATE], L->g[GATE], g, F, threads);
+    pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[UP], L->s[UP], L->c[UP], L->g[UP], u, F, threads);
+    for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    pq_quantize_rows(g, 1, F, qa, &scale, &zp);
+    pq_linear_w4(qa, &scale, &zp, 1, F, L->w[DOWN], L->s[DOWN], L->c[DOWN], L->g[DOWN], h, dim, threads);
+    for (int64_t i = 0; i < dim; i++) x[i] += h[i];
+}

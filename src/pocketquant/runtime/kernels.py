@@ -92,3 +92,32 @@ def hadamard_(x: torch.Tensor) -> torch.Tensor:
         raise PocketQuantError(f"hadamard needs contiguous float32 rows of a power-of-two width, got {n}")
     lib().pq_hadamard(_p(x), M, n)
     return x
+
+
+class LayerParams(ctypes.Structure):
+    """Mirror of `pq_layer` in kernels.c."""
+
+    _fields_ = [(n, I64) for n in ("dim", "n_heads", "n_kv", "head_dim", "ffn", "max_t")] + [
+        ("eps", ctypes.c_float), ("attn_norm", P), ("ffn_norm", P),
+        ("w", P * 7), ("s", P * 7), ("c", P * 7), ("g", I64 * 7)]  # q, k, v, o, gate, up, down
+
+
+def decode_layer(params: LayerParams, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+                 cos: torch.Tensor, sin: torch.Tensor, scratch: torch.Tensor, qa: torch.Tensor, threads: int):
+    """One decoder layer for one token, in place on float32 x [dim]."""
+    f = lib().pq_decode_layer
+    if f.argtypes is None:
+        f.argtypes = [ctypes.POINTER(LayerParams), P, P, P, I64, P, P, P, P, INT]
+    f(ctypes.byref(params), _p(x), _p(k_cache), _p(v_cache), pos, _p(cos), _p(sin), _p(scratch), _p(qa), threads)
+
+
+def return_freed_memory_promptly():
+    """Ask glibc to hand large freed blocks back to the system at once. Its default threshold grows
+    with each large free, so preparing a model's kernels (many transient tensors) would otherwise keep
+    about as much memory again as the model itself."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc
+    M_MMAP_THRESHOLD = -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 16)
