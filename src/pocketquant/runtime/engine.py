@@ -101,7 +101,7 @@ class FastDecoderLayer(nn.Module):
         self.params = p
         c = config
         self.scratch = torch.empty(2 * (c.n_heads + c.n_kv_heads) * c.head_dim + 3 * c.ffn_dim + c.dim
-                                   + c.max_seq_len + 1, dtype=torch.float32)
+                                   + c.n_heads * c.max_seq_len, dtype=torch.float32)
         self.qa = torch.empty(max(c.dim, c.n_heads * c.head_dim, c.ffn_dim), dtype=torch.uint8)
 
     def forward(self, x, cos, sin, mask, cache, start_pos):

@@ -37,10 +37,12 @@ static inline float fp16_to_fp32(uint16_t h) {
 
 /* ---- per-token activation quantization (bit-exact with numerics.quantize_per_token) ---------------- */
 
+__attribute__((target_clones("avx512f", "avx2", "default")))
 void pq_quantize_rows(const float *x, int64_t M, int64_t K, uint8_t *qa, float *scale, int32_t *zp) {
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * K;
         float lo = 0.0f, hi = 0.0f;
+#pragma omp simd reduction(min : lo) reduction(max : hi)
         for (int64_t k = 0; k < K; k++) {
             lo = row[k] < lo ? row[k] : lo;
             hi = row[k] > hi ? row[k] : hi;
@@ -49,10 +51,12 @@ void pq_quantize_rows(const float *x, int64_t M, int64_t K, uint8_t *qa, float *
         if (!(s >= FLT_EPSILON)) s = FLT_EPSILON;
         float z = -128.0f - nearbyintf(lo / s);
         z = z < -128.0f ? -128.0f : (z > 127.0f ? 127.0f : z);
+        uint8_t *out = qa + m * K;
+#pragma omp simd
         for (int64_t k = 0; k < K; k++) {
-            float q = nearbyintf(row[k] / s) + z;
+            float q = __builtin_roundevenf(row[k] / s) + z; /* = nearbyintf in the default rounding mode */
             q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
-            qa[m * K + k] = (uint8_t)((int)q + 128);
+            out[k] = (uint8_t)(int)(q + 128.0f);
         }
         scale[m] = s;
         zp[m] = (int32_t)z;
@@ -342,8 +346,40 @@ static void rope(float *v, const float *cos, const float *sin, int64_t heads, in
     }
 }
 
+/* Attention of one token over positions 0..pos of the cache, heads split across threads. Cloned for
+ * AVX-512 / AVX2 / baseline and picked at load time, so the dot products are vectorized. */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void attend_head(const float *qh, const float *kh, const float *vh, float *oh, float *probs,
+                        int64_t D, int64_t pos) {
+    float inv = 1.0f / sqrtf((float)D), mx = -INFINITY, sum = 0.0f;
+    for (int64_t t = 0; t <= pos; t++) {
+        float sdot = 0.0f;
+#pragma omp simd reduction(+ : sdot)
+        for (int64_t i = 0; i < D; i++) sdot += qh[i] * kh[t * D + i];
+        probs[t] = sdot * inv;
+        mx = probs[t] > mx ? probs[t] : mx;
+    }
+    for (int64_t t = 0; t <= pos; t++) { probs[t] = expf(probs[t] - mx); sum += probs[t]; }
+    for (int64_t i = 0; i < D; i++) oh[i] = 0.0f;
+    for (int64_t t = 0; t <= pos; t++) {
+        float p = probs[t] / sum;
+#pragma omp simd
+        for (int64_t i = 0; i < D; i++) oh[i] += p * vh[t * D + i];
+    }
+}
+
+static void attend(const float *q, const float *kc, const float *vc, float *att, float *probs, int64_t H,
+                   int64_t KV, int64_t D, int64_t max_t, int64_t pos, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t hd = 0; hd < H; hd++) {
+        int64_t j = hd / (H / KV);
+        attend_head(q + hd * D, kc + j * max_t * D, vc + j * max_t * D, att + hd * D, probs + hd * (pos + 1),
+                    D, pos);
+    }
+}
+
 /* x [dim] is updated in place; k/v caches are [n_kv, max_t, head_dim]; cos/sin [head_dim] for `pos`;
- * scratch holds at least 2 * (n_heads + n_kv) * head_dim + 3 * ffn + dim + pos + 1 floats; qa holds
+ * scratch holds at least 2 * (n_heads + n_kv) * head_dim + 3 * ffn + dim + n_heads * (pos + 1) floats; qa holds
  * max(dim, n_heads * head_dim, ffn) bytes. */
 void pq_decode_layer(const pq_layer *L, float *x, float *kc, float *vc, int64_t pos, const float *cos,
                      const float *sin, float *scratch, uint8_t *qa, int threads) {
@@ -366,25 +402,7 @@ void pq_decode_layer(const pq_layer *L, float *x, float *kc, float *vc, int64_t 
         memcpy(kc + (j * L->max_t + pos) * D, k + j * D, D * sizeof(float));
         memcpy(vc + (j * L->max_t + pos) * D, v + j * D, D * sizeof(float));
     }
-    float inv = 1.0f / sqrtf((float)D);
-    for (int64_t hd = 0; hd < H; hd++) {
-        const float *qh = q + hd * D;
-        const float *kh = kc + (hd / (H / KV)) * L->max_t * D, *vh = vc + (hd / (H / KV)) * L->max_t * D;
-        float mx = -INFINITY, sum = 0.0f;
-        for (int64_t t = 0; t <= pos; t++) {
-            float sdot = 0.0f;
-            for (int64_t i = 0; i < D; i++) sdot += qh[i] * kh[t * D + i];
-            probs[t] = sdot * inv;
-            mx = probs[t] > mx ? probs[t] : mx;
-        }
-        for (int64_t t = 0; t <= pos; t++) { probs[t] = expf(probs[t] - mx); sum += probs[t]; }
-        float *oh = att + hd * D;
-        for (int64_t i = 0; i < D; i++) oh[i] = 0.0f;
-        for (int64_t t = 0; t <= pos; t++) {
-            float p = probs[t] / sum;
-            for (int64_t i = 0; i < D; i++) oh[i] += p * vh[t * D + i];
-        }
-    }
+    attend(q, kc, vc, att, probs, H, KV, D, L->max_t, pos, threads);
     pq_quantize_rows(att, 1, nq, qa, &scale, &zp);
     pq_linear_w4(qa, &scale, &zp, 1, nq, L->w[O], L->s[O], L->c[O], L->g[O], h, dim, threads);
     for (int64_t i = 0; i < dim; i++) x[i] += h[i];
