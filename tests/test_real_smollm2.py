@@ -158,3 +158,14 @@ def test_basic_mc_accuracy_is_above_chance(smollm2):
 
     result = score_mc(smollm2.model, smollm2.tokenizer, load_mc(task_files(None)["basic-mc"]))
     assert result["acc"] >= 0.45  # 48 four-way questions: chance is 25%; measured 56%
+
+
+def test_cli_generate_on_a_packed_file_with_the_fast_runtime(smollm2_gguf, tmp_path):
+    from pocketquant.quant.recipe import quantize
+
+    out = quantize(smollm2_gguf, tmp_path / "rtn.safetensors", progress=False).path
+    fast = run_cli("generate", str(out), "--prompt", "What is the capital of France?", "--chat",
+                   "--max-new-tokens", "8")
+    ref = run_cli("generate", str(out), "--prompt", "What is the capital of France?", "--chat",
+                  "--max-new-tokens", "8", "--runtime", "reference")
+    assert fast.startswith("The capital of France is Paris") and fast == ref
