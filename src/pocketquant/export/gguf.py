@@ -22,7 +22,7 @@ _NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn
           "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def q4_0_blocks(q: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor) -> np.ndarray:
+def q4_0_blocks(scales: torch.Tensor, packed: torch.Tensor) -> np.ndarray:
     """Our packed int4 rows [N, K/2] + scales [N, K/group] -> Q4_0 bytes [N, K/32 * 18]."""
     N = packed.shape[0]
     nb = packed.shape[1] // 16
@@ -53,17 +53,15 @@ def _tensor(module_or_weight, qtype: str, permute_heads: int | None):
     G = gguf.GGMLQuantizationType
     if isinstance(module_or_weight, (QuantLinear, QuantEmbedding)):
         m = module_or_weight
-        q, scales = m.int_weight() if isinstance(m, QuantLinear) else m.qweight, m.scales
-        packed = getattr(m, "qweight", None)
+        bits = m.spec.weight.bits if isinstance(m, QuantLinear) else 8
+        q, scales = m.qweight, m.scales  # int4: packed bytes [N, K/2]; int8: values [N, K]
         if permute_heads:
             q, scales = half_to_interleaved(q, permute_heads), half_to_interleaved(scales, permute_heads)
-            packed = half_to_interleaved(packed, permute_heads)
-        bits = m.spec.weight.bits if isinstance(m, QuantLinear) else 8
         if bits == 4:
-            group = q.shape[1] // scales.shape[1]
+            group = 2 * q.shape[1] // scales.shape[1]
             if group % 32:
                 raise PocketQuantError(f"int4 groups of {group} do not map to Q4_0 blocks of 32")
-            return q4_0_blocks(q, scales, packed), G.Q4_0
+            return q4_0_blocks(scales, q), G.Q4_0
         if scales.shape[1] != 1:
             raise PocketQuantError("only per-channel int8 weights map to Q8_0")
         return q8_0_blocks(q, scales), G.Q8_0
