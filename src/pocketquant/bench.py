@@ -215,18 +215,18 @@ def _gguf_export(packed: str) -> str:
     return str(out)
 
 
-ROWS = [("file_bytes", "weights file (MB)", lambda v: f"{v / 1e6:.1f}", False),
-        ("peak_rss_mb", "peak RSS (MB)", lambda v: f"{v:.0f}", False),
-        ("ttft_ms", "time to first token (ms)", lambda v: f"{v:.0f}", False),
-        ("prefill_tok_s", "prefill (tok/s)", lambda v: f"{v:.1f}", True),
-        ("decode_tok_s", "decode (tok/s)", lambda v: f"{v:.1f}", True)]
+ROWS = [("file_bytes", "weights file (MB)", lambda v: f"{v / 1e6:.1f}"),
+        ("peak_rss_mb", "peak RSS (MB)", lambda v: f"{v:.0f}"),
+        ("ttft_ms", "time to first token (ms)", lambda v: f"{v:.0f}"),
+        ("prefill_tok_s", "prefill (tok/s)", lambda v: f"{v:.1f}"),
+        ("decode_tok_s", "decode (tok/s)", lambda v: f"{v:.1f}")]
 
 
 def table(result: dict) -> str:
     cfgs = result["configs"]
     head = ["metric"] + [c["label"] for c in cfgs]
     body = []
-    for key, label, fmt, _ in ROWS:
+    for key, label, fmt in ROWS:
         first = cfgs[0][key]
         body.append([label] + [fmt(c[key]) + ("" if i == 0 else f" ({c[key] / first:.2f}x)")
                                for i, c in enumerate(cfgs)])
@@ -258,7 +258,7 @@ def plot(result: dict, path: str):
     cfgs = result["configs"]
     labels = [c["label"] for c in cfgs]
     fig, axes = plt.subplots(1, len(ROWS), figsize=(4 * len(ROWS), 4))
-    for ax, (key, title, _, _) in zip(axes, ROWS):
+    for ax, (key, title, _) in zip(axes, ROWS):
         ax.bar(range(len(cfgs)), [c[key] / (1e6 if key == "file_bytes" else 1) for c in cfgs])
         ax.set_title(title)
         ax.set_xticks(range(len(cfgs)), labels, rotation=25, ha="right", fontsize=7)
