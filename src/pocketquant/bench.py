@@ -223,6 +223,8 @@ ROWS = [("file_bytes", "weights file (MB)", lambda v: f"{v / 1e6:.1f}"),
 
 
 def table(result: dict) -> str:
+    from pocketquant.tables import format_table
+
     cfgs = result["configs"]
     head = ["metric"] + [c["label"] for c in cfgs]
     body = []
@@ -230,12 +232,10 @@ def table(result: dict) -> str:
         first = cfgs[0][key]
         body.append([label] + [fmt(c[key]) + ("" if i == 0 else f" ({c[key] / first:.2f}x)")
                                for i, c in enumerate(cfgs)])
-    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    fmt_row = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     s = result["settings"]
     lines = [f"{s['threads']} threads, prompt {s['prompt_tokens']} tokens, decode {s['decode_tokens']} tokens, "
-             f"median of {s['repeats']}; kernels: {result['kernels']}; (ratios: column / first column)", "",
-             fmt_row(head), fmt_row(["-" * w for w in widths])] + [fmt_row(r) for r in body]
+             f"median of {s['repeats']}; kernels: {result['kernels']}; (ratios: column / first column)", ""]
+    lines += format_table(head, body)
     lines += ["", f"memory bandwidth {result['bandwidth_gb_s']:.1f} GB/s; decode reads "
               f"{result['decode_bytes_per_token'] / 1e6:.1f} MB/token -> roofline "
               f"{result['decode_roofline_tok_s']:.1f} tok/s; pocketquant decode is "

@@ -29,12 +29,10 @@ def settings_line(result: EvalResult) -> str:
 
 
 def table(result: EvalResult) -> str:
+    from pocketquant.tables import format_table
+
     header = ["metric"] + [m.name for m in result.models]
-    body = rows(result)
-    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([settings_line(result), "", line(header), line(["-" * w for w in widths])]
-                     + [line(r) for r in body])
+    return "\n".join([settings_line(result), ""] + format_table(header, rows(result)))
 
 
 def write_json(result: EvalResult, path: str | Path):
