@@ -17,18 +17,23 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 
 class SharedActivations:
-    """Remembers the last quantized activation; a projection fed the same tensor object reuses it.
-    (The model never writes into a projection's input in place, so the object identifies the values;
-    holding it keeps its id from being reused.)"""
+    """Quantizes an activation once for the `users` projections that read it (q/k/v: 3, gate/up: 2), then
+    forgets it, so no layer keeps its inputs alive. A projection fed another tensor object gets it
+    quantized afresh (the model never writes into a projection's input in place, so the object
+    identifies the values; holding it keeps its id from being reused meanwhile)."""
 
-    def __init__(self):
-        self.source, self.value = None, None
+    def __init__(self, users: int = 1):
+        self.users, self.left, self.source, self.value = users, 0, None, None
 
     def get(self, x: torch.Tensor):
         if self.source is not x:
-            self.source = x
+            self.source, self.left = x, self.users
             self.value = kernels.quantize_rows(x.reshape(-1, x.shape[-1]).float())
-        return self.value
+        value = self.value
+        self.left -= 1
+        if self.left <= 0:
+            self.source = self.value = None
+        return value
 
 
 class FastLinear(nn.Module):
@@ -120,7 +125,7 @@ def use_fast_kernels(model: nn.Module) -> nn.Module:
     for i, layer in enumerate(model.layers):
         shared = {"self_attn.q_proj": "in", "self_attn.k_proj": "in", "self_attn.v_proj": "in",
                   "mlp.gate_proj": "post", "mlp.up_proj": "post"}
-        caches = {"in": SharedActivations(), "post": SharedActivations()}
+        caches = {"in": SharedActivations(users=3), "post": SharedActivations(users=2)}
         for name in PROJECTIONS:
             q = layer.get_submodule(name)
             if runs_fast(q):
