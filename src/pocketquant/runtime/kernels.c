@@ -100,15 +100,21 @@ static void w8_rows_generic(const uint8_t *qa, const float *as, const int32_t *a
 }
 
 #ifdef PQ_X86
-/* ---- AVX-512 VNNI ------------------------------------------------------------------------------- */
+/* ---- x86 helpers shared by the AVX-512 and AVX2 paths --------------------------------------------- */
 
-#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")))
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
 
-VNNI static inline __m256i unpack32_avx512(const uint8_t *p) {
+/* 32 int4 weights of one Q4_0 block (16 bytes) -> 32 signed bytes in order: low nibbles are values
+ * 0..15, high nibbles 16..31. AVX2 only, so the AVX-512 path inlines it too. */
+AVX2 static inline __m256i unpack32(const uint8_t *p) {
     __m128i raw = _mm_loadu_si128((const __m128i *)p);
     __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
     return _mm256_sub_epi8(_mm256_and_si256(both, _mm256_set1_epi8(15)), _mm256_set1_epi8(8));
 }
+
+/* ---- AVX-512 VNNI ------------------------------------------------------------------------------- */
+
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")))
 
 VNNI static float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
 
@@ -125,8 +131,8 @@ VNNI static void w4_rows_vnni(const uint8_t *qa, const float *as, const int32_t 
             for (int i = 0; i < TILE; i++) acc[i] = _mm512_setzero_ps();
             int64_t b = 0;
             for (; b + 2 <= nb; b += 2) { /* two blocks of 32 per 512-bit step */
-                __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(unpack32_avx512(wr + b * 16)),
-                                                unpack32_avx512(wr + b * 16 + 16), 1);
+                __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(unpack32(wr + b * 16)),
+                                                unpack32(wr + b * 16 + 16), 1);
                 __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(_cvtsh_ss(sr[b / per])),
                                                _mm256_set1_ps(_cvtsh_ss(sr[(b + 1) / per])), 1);
                 for (int i = 0; i < t; i++) {
@@ -137,7 +143,7 @@ VNNI static void w4_rows_vnni(const uint8_t *qa, const float *as, const int32_t 
             }
             float tail[TILE] = {0};
             for (; b < nb; b++) { /* an odd last block */
-                __m256i wv = unpack32_avx512(wr + b * 16);
+                __m256i wv = unpack32(wr + b * 16);
                 float sc = _cvtsh_ss(sr[b / per]);
                 for (int i = 0; i < t; i++) {
                     __m256i av = _mm256_loadu_si256((const __m256i *)(qa + (m0 + i) * K + b * 32));
@@ -186,13 +192,6 @@ VNNI static void w8_rows_vnni(const uint8_t *qa, const float *as, const int32_t 
 /* ---- AVX2 (u8 x s8 through maddubs: |255 * 8 * 2| and |255 * 127 * 2| < 32768 for int4; int8 uses
  * sign-split to stay exact) ---------------------------------------------------------------------- */
 
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
-
-AVX2 static inline __m256i unpack32_avx2(const uint8_t *p) {
-    __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-    return _mm256_sub_epi8(_mm256_and_si256(both, _mm256_set1_epi8(15)), _mm256_set1_epi8(8));
-}
 
 AVX2 static inline __m256i dot_u8s8_avx2(__m256i a, __m256i w) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(a, w), _mm256_set1_epi16(1));
@@ -216,7 +215,7 @@ AVX2 static void w4_rows_avx2(const uint8_t *qa, const float *as, const int32_t 
             __m256 acc[TILE];
             for (int i = 0; i < TILE; i++) acc[i] = _mm256_setzero_ps();
             for (int64_t b = 0; b < nb; b++) {
-                __m256i wv = unpack32_avx2(wr + b * 16);
+                __m256i wv = unpack32(wr + b * 16);
                 __m256 sc = _mm256_set1_ps(_cvtsh_ss(sr[b / per]));
                 for (int i = 0; i < t; i++) {
                     __m256i av = _mm256_loadu_si256((const __m256i *)(qa + (m0 + i) * K + b * 32));
