@@ -31,8 +31,22 @@ def test_activation_quantization_is_bit_exact(M, K):
     assert torch.equal(qa.int() - 128, q.int()) and torch.equal(scale, s[:, 0]) and torch.equal(zp.float(), z[:, 0])
 
 
+@pytest.mark.parametrize("K", [32, 64, 96, 128, 576, 1536])
+def test_int4_layout_reorders_the_same_bytes(K):
+    """Each unit of four 32-blocks holds the first halves of its blocks, then their second halves."""
+    x = torch.randn(3, K, generator=G)
+    natural = kernels.quantize_rows(x)
+    qa, scale, zp = kernels.quantize_rows(x, int4_layout=True)
+    assert torch.equal(scale, natural[1]) and torch.equal(zp, natural[2])
+    order = []
+    for u0 in range(0, K // 32, 4):
+        blocks = range(u0, min(u0 + 4, K // 32))
+        order += [32 * b + j for half in (0, 16) for b in blocks for j in range(half, half + 16)]
+    assert torch.equal(qa, natural[0][:, order])
+
+
 SHAPES = [(1, 64, 8, 32), (1, 576, 192, 32), (5, 1536, 576, 32), (9, 96, 17, 32), (4, 160, 33, 32),
-          (3, 256, 40, 128), (2, 192, 24, 64)]
+          (3, 256, 40, 128), (2, 192, 24, 64), (19, 576, 9, 32), (8, 2048, 16, 32), (1, 32, 5, 32)]
 
 
 @pytest.mark.parametrize("M, K, N, group", SHAPES)
@@ -76,7 +90,7 @@ def test_projections_share_one_quantized_activation():
     x = torch.randn(2, 64, generator=G)
     calls = []
     quantize = kernels.quantize_rows
-    kernels.quantize_rows = lambda t: calls.append(t) or quantize(t)
+    kernels.quantize_rows = lambda t, *layout: calls.append(t) or quantize(t, *layout)
     try:
         ya, yb = a(x), b(x)  # b reuses a's quantized activation...
         assert len(calls) == 1 and shared.source is None and shared.value is None  # ...then both forget it

@@ -41,14 +41,23 @@ def test_tied_embeddings_share_one_tensor(tmp_path):
     assert ours.lm_head.weight is ours.embed_tokens.weight
 
 
-def test_kv_cache_decode_equals_full_forward(tmp_path):
+@pytest.mark.parametrize("kv_cache_bits", [None, 8])
+def test_kv_cache_decode_equals_full_forward(tmp_path, kv_cache_bits):
+    """An int8 cache quantizes each token's keys and values once, when written; the forward without a
+    cache applies the same quantization, so both paths compute the same function."""
     model = load_as_ours(hf_model(), tmp_path)
+    float_logits = model(TOKENS)
+    model.set_kv_cache_bits(kv_cache_bits)
     full = model(TOKENS)
+    if kv_cache_bits == 8:
+        gap = (full - float_logits).abs().max().item()
+        assert 1e-4 < gap < 0.1 * float_logits.abs().max().item()  # int8 keys/values: close, not equal
     caches = model.new_caches(batch=2, max_seq_len=64)
     steps = [model(TOKENS[:, :17], caches, 0)]  # prefill, then chunked prefill, then one token at a time
     steps.append(model(TOKENS[:, 17:30], caches, 17))
     steps += [model(TOKENS[:, i:i + 1], caches, i) for i in range(30, 40)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=1e-5)
+    assert caches[0].k.dtype == (torch.int8 if kv_cache_bits == 8 else torch.float32)
 
 
 def test_batch_rows_are_independent(tmp_path):

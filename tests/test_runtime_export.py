@@ -13,30 +13,48 @@ from pocketquant.export.gguf import export_gguf
 from pocketquant.packed import save_packed
 from pocketquant.quant import rtn
 from pocketquant.runtime import kernels, load
-from pocketquant.runtime.engine import FastDecoderLayer, FastLinear
+from pocketquant.runtime.engine import FastLinear
 from pocketquant.runtime.generate import stream_tokens
 from pocketquant.scheme import PRESETS
 
 TOKENS = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(5))
 
 
+def _packed(tiny_text_dir, path, kv_cache_bits=None):
+    loaded = load_model(tiny_text_dir[0])
+    scheme = PRESETS["int4-eo8"].replace(kv_cache_bits=kv_cache_bits)
+    model = rtn.apply(loaded.model, rtn.RTNConfig(scheme))
+    return save_packed(path, model, scheme, [{"method": "rtn"}], loaded.tokenizer)
+
+
 @pytest.fixture
 def packed(tiny_text_dir, tmp_path):
-    path, _ = tiny_text_dir
-    loaded = load_model(path)
-    model = rtn.apply(loaded.model, rtn.RTNConfig())
-    return save_packed(tmp_path / "q.safetensors", model, PRESETS["int4-eo8"], [{"method": "rtn"}],
-                       loaded.tokenizer)
+    return _packed(tiny_text_dir, tmp_path / "q.safetensors")
 
 
 @pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
-def test_fast_runtime_matches_the_reference_model(packed):
+@pytest.mark.parametrize("kv_cache_bits", [None, 8])
+@pytest.mark.parametrize("level", [2, 1, 0], ids=["avx512-vnni", "avx2", "portable"])
+def test_fast_runtime_matches_the_reference_model(tiny_text_dir, tmp_path, kv_cache_bits, level):
+    if kernels.set_level(level) != kernels.LEVELS[level]:
+        kernels.set_level(-1)
+        pytest.skip(f"this CPU has no {kernels.LEVELS[level]}")
+    try:
+        _fast_runtime_matches_the_reference_model(tiny_text_dir, tmp_path, kv_cache_bits)
+    finally:
+        kernels.set_level(-1)
+
+
+def _fast_runtime_matches_the_reference_model(tiny_text_dir, tmp_path, kv_cache_bits):
+    packed = _packed(tiny_text_dir, tmp_path / "q.safetensors", kv_cache_bits)
     fast, ref = load(packed).model, load(packed, runtime="reference").model
-    layer = fast.layers[0]
-    assert isinstance(layer, FastDecoderLayer)  # one native call per layer and token when decoding
-    attn = layer.layer.self_attn
+    assert fast.kv_cache_bits == ref.kv_cache_bits == kv_cache_bits
+    attn = fast.layers[0].self_attn
     assert attn.q_proj.shared is attn.k_proj.shared is attn.v_proj.shared  # one quantized activation
-    assert isinstance(layer.layer.mlp.down_proj, FastLinear) and isinstance(fast.lm_head, FastLinear)
+    assert isinstance(fast.layers[0].mlp.down_proj, FastLinear) and isinstance(fast.lm_head, FastLinear)
+    native_steps = []
+    fused = fast.fused_decode  # one native call through every layer per decoded token
+    fast.fused_decode = lambda *a: native_steps.append(1) or fused(*a)
     with torch.no_grad():
         a, b = fast(TOKENS), ref(TOKENS)
     torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=0)
@@ -49,6 +67,10 @@ def test_fast_runtime_matches_the_reference_model(packed):
             step = TOKENS[:, pos:pos + 1]
             a, b = fast(step, caches_f, pos), ref(step, caches_r, pos)
             torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=0)
+    assert len(native_steps) == 10
+    if kv_cache_bits == 8:  # the caches hold int8 (one scale and zero point per token and head)
+        assert caches_f[0].k.dtype == caches_r[0].k.dtype == torch.int8
+        torch.testing.assert_close(caches_f[1].v_scale[:, :, :30], caches_r[1].v_scale[:, :, :30])
     prompt = TOKENS[0, :8].tolist()
     assert list(stream_tokens(fast, prompt, 12)) == list(stream_tokens(ref, prompt, 12))
 

@@ -138,8 +138,6 @@ def check_plan(model: nn.Module, scheme: QuantScheme) -> None:
     """Refuse a scheme that cannot apply, listing every offending layer before any work starts."""
     problems = []
     names = [f"layers.{i}.{s}" for i in range(len(model.layers)) for s in BLOCK_LINEARS]
-    if scheme.kv_cache_bits is not None:
-        problems.append("an int8 KV cache is not supported by the runtime yet (kv_cache_bits must be None)")
     for pattern, _ in scheme.overrides:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             problems.append(f"override {pattern!r} matches no module (block linears are named like "
@@ -174,6 +172,7 @@ def quantized_skeleton(model: nn.Module, scheme: QuantScheme, dtype=torch.float3
         model.embed_tokens = QuantEmbedding(old.num_embeddings, old.embedding_dim, scheme.embedding, dtype)
     if scheme.share_embedding_output:
         share_embedding_output(model)
+    model.set_kv_cache_bits(scheme.kv_cache_bits)
     return model
 
 

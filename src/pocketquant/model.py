@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketquant.config import ModelConfig, RopeScaling
+from pocketquant.numerics import fake_quant_per_token, quantize_per_token
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -47,20 +48,38 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Static per-layer cache [B, n_kv_heads, max_seq_len, head_dim], written in place."""
+    """Static per-layer cache [B, n_kv_heads, max_seq_len, head_dim], written in place. With bits=8 it
+    holds int8 values with a float32 scale and zero point per token and head (asymmetric, the numerics
+    of activations) and `update` returns the dequantized keys and values."""
 
     def __init__(self, batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None):
+                 dtype: torch.dtype, device: torch.device | str | None = None, bits: int | None = None):
         super().__init__()
+        self.bits, self.dtype = bits, dtype
         shape = (batch, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        store = torch.int8 if bits == 8 else dtype
+        for name in ("k", "v"):
+            self.register_buffer(name, torch.zeros(shape, dtype=store, device=device), persistent=False)
+            if bits == 8:  # [B, n_kv_heads, max_seq_len]
+                for part in ("scale", "zero"):
+                    self.register_buffer(f"{name}_{part}", torch.zeros(shape[:3], device=device), persistent=False)
 
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):
         end = start_pos + k.shape[2]
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        if self.bits != 8:
+            self.k[:, :, start_pos:end] = k
+            self.v[:, :, start_pos:end] = v
+            return self.k[:, :, :end], self.v[:, :, :end]
+        out = []
+        for name, x in (("k", k), ("v", v)):
+            q, scale, zero = quantize_per_token(x)
+            getattr(self, name)[:, :, start_pos:end] = q.to(torch.int8)
+            getattr(self, f"{name}_scale")[:, :, start_pos:end] = scale[..., 0]
+            getattr(self, f"{name}_zero")[:, :, start_pos:end] = zero[..., 0]
+            q = getattr(self, name)[:, :, :end].float()
+            zero, scale = (getattr(self, f"{name}_{p}")[:, :, :end, None] for p in ("zero", "scale"))
+            out.append(((q - zero) * scale).to(self.dtype))
+        return tuple(out)
 
 
 class Attention(nn.Module):
@@ -71,6 +90,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_bits: int | None = None  # 8: keys and values pass through int8 (the cache's numerics)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, start_pos: int):
         B, T, _ = x.shape
@@ -82,6 +102,8 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
+        elif self.kv_bits == 8:
+            k, v = fake_quant_per_token(k).to(q.dtype), fake_quant_per_token(v).to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -125,6 +147,16 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
         self.reset_rope()
+        self.kv_cache_bits: int | None = None
+        # A runtime may install a native one-token step through every layer: fused_decode(x, caches,
+        # start_pos) -> x, or None where it does not apply.
+        self.fused_decode = None
+
+    def set_kv_cache_bits(self, bits: int | None):
+        """None: float KV cache; 8: int8 per token and head (new caches, and attention without a cache)."""
+        self.kv_cache_bits = bits
+        for layer in self.layers:
+            layer.self_attn.kv_bits = bits
 
     @property
     def device(self) -> torch.device:
@@ -145,7 +177,7 @@ class Transformer(nn.Module):
         """One preallocated KV cache per layer."""
         cfg = self.config
         return [KVCache(batch, max_seq_len or cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim,
-                        dtype or self.dtype, self.device) for _ in range(cfg.n_layers)]
+                        dtype or self.dtype, self.device, self.kv_cache_bits) for _ in range(cfg.n_layers)]
 
     def rope(self, start_pos: int, length: int, dtype: torch.dtype):
         pos = torch.arange(start_pos, start_pos + length, device=self.inv_freq.device, dtype=torch.float32)
@@ -158,10 +190,16 @@ class Transformer(nn.Module):
         """Logits [B, T, V], or [B, 1, V] for the last position only (what generation needs)."""
         T = tokens.shape[1]
         x = self.embed_tokens(tokens)
-        cos, sin = self.rope(start_pos, T, x.dtype)
-        mask = self.attention_mask(start_pos, T, caches is not None, x.device)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, None if caches is None else caches[i], start_pos)
+        fused = None
+        if T == 1 and caches is not None and self.fused_decode is not None:
+            fused = self.fused_decode(x, caches, start_pos)
+        if fused is not None:
+            x = fused
+        else:
+            cos, sin = self.rope(start_pos, T, x.dtype)
+            mask = self.attention_mask(start_pos, T, caches is not None, x.device)
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, mask, None if caches is None else caches[i], start_pos)
         return self.lm_head(self.norm(x[:, -1:] if last_only else x))
 
     @staticmethod

@@ -15,6 +15,8 @@ def register(p):
                    help="search a clipping ratio per group that minimizes the weight error")
     p.add_argument("--share-embedding-output", action="store_true",
                    help="for a tied model: one int8 table for embedding and output (smaller, same numbers)")
+    p.add_argument("--kv-cache", default=None, choices=["float", "int8"],
+                   help="KV-cache precision at run time (default: the scheme's, float); int8 is per token and head")
     p.set_defaults(run=run)
 
 
@@ -22,7 +24,8 @@ def run(args) -> int:
     from pocketquant.quant.recipe import quantize
 
     r = quantize(args.model, args.output, args.method, args.scheme, args.search_clip,
-                 args.share_embedding_output, args.scale_rule)
+                 args.share_embedding_output, args.scale_rule,
+                 kv_cache_bits={None: None, "float": None, "int8": 8}[args.kv_cache])
     print(f"wrote {r.path} ({r.file_bytes:,} bytes)")
     if r.can_share and r.shared:
         print(f"embedding and output share one int8 table; separate tables would add "

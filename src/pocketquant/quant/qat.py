@@ -26,6 +26,7 @@ def prepare(model: Transformer, scheme: QuantScheme) -> Transformer:
         new = FakeQuantEmbedding(old.num_embeddings, old.embedding_dim, scheme.embedding).to(old.weight.dtype)
         new.weight = old.weight
         model.embed_tokens = new
+    model.set_kv_cache_bits(scheme.kv_cache_bits)
     return model
 
 

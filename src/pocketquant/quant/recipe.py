@@ -25,7 +25,7 @@ class QuantizeResult:
 
 def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: str | QuantScheme = "int4-eo8",
              search_clip: bool = False, share_embedding_output: bool = False, scale_rule: str | None = None,
-             progress=True) -> QuantizeResult:
+             kv_cache_bits: int | None = None, progress=True) -> QuantizeResult:
     """Quantize `source` (path or known name) with `method` under `scheme`; write the packed file `out`."""
     from pocketquant.checkpoints import load_model
     from pocketquant.layers import check_plan
@@ -44,6 +44,8 @@ def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: s
         scheme = scheme.replace(linear=dataclasses.replace(scheme.linear, weight=weight))
     if share_embedding_output:
         scheme = scheme.replace(share_embedding_output=True)
+    if kv_cache_bits is not None:
+        scheme = scheme.replace(kv_cache_bits=kv_cache_bits)
     loaded = load_model(source, torch.float32)
     model = loaded.model
     check_plan(model, scheme)  # refuse before any work

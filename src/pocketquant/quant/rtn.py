@@ -38,4 +38,5 @@ def apply(model: Transformer, config: RTNConfig, progress=None) -> Transformer:
         model.embed_tokens = QuantEmbedding.from_float(model.embed_tokens.weight, scheme.embedding)
     if scheme.share_embedding_output:
         share_embedding_output(model)
+    model.set_kv_cache_bits(scheme.kv_cache_bits)
     return model

@@ -25,10 +25,10 @@ class SharedActivations:
     def __init__(self, users: int = 1):
         self.users, self.left, self.source, self.value = users, 0, None, None
 
-    def get(self, x: torch.Tensor):
-        if self.source is not x:
+    def get(self, x: torch.Tensor, int4_layout: bool):
+        if self.source is not x or self.value[3] != int4_layout:
             self.source, self.left = x, self.users
-            self.value = kernels.quantize_rows(x.reshape(-1, x.shape[-1]).float())
+            self.value = (*kernels.quantize_rows(x.reshape(-1, x.shape[-1]).float(), int4_layout), int4_layout)
         value = self.value
         self.left -= 1
         if self.left <= 0:
@@ -53,7 +53,7 @@ class FastLinear(nn.Module):
             self.wsum = group_sums(q.qweight, q.in_features, unpack=False)[:, 0].contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        acts = self.shared.get(x)
+        acts = self.shared.get(x, int4_layout=self.bits == 4)[:3]
         threads = torch.get_num_threads()
         if self.bits == 4:
             y = kernels.linear_w4(acts, self.qweight, self.scales, self.rowcorr, self.group, threads)
@@ -86,43 +86,53 @@ def runs_fast(q) -> bool:
     return w.group_for(q.in_features) % 32 == 0 and w.scale_dtype == "float16"
 
 
-class FastDecoderLayer(nn.Module):
-    """A decoder layer whose one-token steps run as one native call (norms, projections, RoPE, attention
-    over the cache, SwiGLU). Longer inputs (prefill) take the module path, on the same cache."""
+class FastDecode:
+    """The model's one-token step as one native call through every layer (norms, projections, RoPE,
+    the KV cache, attention, SwiGLU); installed as `model.fused_decode` when every block linear runs on
+    the int4 kernels. Batches other than 1 and non-float32 inputs or caches take the module path."""
 
-    def __init__(self, layer: nn.Module, config):
-        super().__init__()
-        self.layer = layer
-        p = kernels.LayerParams()
-        p.dim, p.n_heads, p.n_kv, p.head_dim, p.ffn = (config.dim, config.n_heads, config.n_kv_heads,
-                                                        config.head_dim, config.ffn_dim)
-        p.eps = layer.input_layernorm.eps
-        p.attn_norm = layer.input_layernorm.weight.data_ptr()
-        p.ffn_norm = layer.post_attention_layernorm.weight.data_ptr()
-        for i, name in enumerate(PROJECTIONS):  # the modules keep these tensors alive
-            f = layer.get_submodule(name)
-            p.w[i], p.s[i], p.c[i], p.g[i] = (f.qweight.data_ptr(), f.scales.data_ptr(), f.rowcorr.data_ptr(),
-                                              f.group)
-        self.params = p
-        c = config
-        self.scratch = torch.empty(2 * (c.n_heads + c.n_kv_heads) * c.head_dim + 3 * c.ffn_dim + c.dim
-                                   + c.n_heads * c.max_seq_len, dtype=torch.float32)
+    def __init__(self, model: nn.Module):
+        c = model.config
+        self.layers = (kernels.LayerParams * c.n_layers)()
+        for p, layer in zip(self.layers, model.layers):
+            p.dim, p.n_heads, p.n_kv, p.head_dim, p.ffn = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim
+            p.eps = layer.input_layernorm.eps
+            p.attn_norm = layer.input_layernorm.weight.data_ptr()
+            p.ffn_norm = layer.post_attention_layernorm.weight.data_ptr()
+            for i, name in enumerate(PROJECTIONS):  # the modules keep these tensors alive
+                f = layer.get_submodule(name)
+                p.w[i], p.s[i], p.c[i], p.g[i] = (f.qweight.data_ptr(), f.scales.data_ptr(),
+                                                  f.rowcorr.data_ptr(), f.group)
+        self.inv_freq = model.inv_freq
+        self.scratch = torch.empty(2 * c.head_dim + 2 * (c.n_heads + c.n_kv_heads) * c.head_dim + 3 * c.ffn_dim
+                                   + c.dim + c.n_heads * c.max_seq_len, dtype=torch.float32)
         self.qa = torch.empty(max(c.dim, c.n_heads * c.head_dim, c.ffn_dim), dtype=torch.uint8)
+        self.caches, self.cache_params = None, None
 
-    def forward(self, x, cos, sin, mask, cache, start_pos):
-        if x.shape[:2] != (1, 1) or cache is None or x.dtype != torch.float32:
-            return self.layer(x, cos, sin, mask, cache, start_pos)
-        self.params.max_t = cache.k.shape[2]
+    def _cache_params(self, caches):
+        if self.caches is not caches:  # a new set of caches (one per generation)
+            self.caches, self.cache_params = caches, (kernels.CacheParams * len(caches))()
+            for p, cache in zip(self.cache_params, caches):
+                p.k, p.v, p.max_t, p.bits = cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2], cache.bits or 0
+                if cache.bits == 8:
+                    p.k_scale, p.k_zero = cache.k_scale.data_ptr(), cache.k_zero.data_ptr()
+                    p.v_scale, p.v_zero = cache.v_scale.data_ptr(), cache.v_zero.data_ptr()
+        return self.cache_params
+
+    def __call__(self, x: torch.Tensor, caches, start_pos: int):
+        cache = caches[0]
+        if x.shape[0] != 1 or x.dtype != torch.float32 or (cache.bits != 8 and cache.k.dtype != torch.float32):
+            return None
         out = x.reshape(-1).clone()
-        kernels.decode_layer(self.params, out, cache.k, cache.v, start_pos, cos.reshape(-1).contiguous(),
-                             sin.reshape(-1).contiguous(), self.scratch, self.qa, torch.get_num_threads())
+        kernels.decode_layers(self.layers, self._cache_params(caches), out, start_pos, self.inv_freq, self.scratch,
+                              self.qa, torch.get_num_threads())
         return out.view(1, 1, -1)
 
 
 def use_fast_kernels(model: nn.Module) -> nn.Module:
-    """Replace every QuantLinear the kernels cover (the rest keep the reference forward); layers whose
-    projections are all int4 on the kernels decode natively."""
-    for i, layer in enumerate(model.layers):
+    """Replace every QuantLinear the kernels cover (the rest keep the reference forward); when every
+    block projection is int4 on the kernels, one-token steps run natively through all layers."""
+    for layer in model.layers:
         shared = {"self_attn.q_proj": "in", "self_attn.k_proj": "in", "self_attn.v_proj": "in",
                   "mlp.gate_proj": "post", "mlp.up_proj": "post"}
         caches = {"in": SharedActivations(users=3), "post": SharedActivations(users=2)}
@@ -130,9 +140,9 @@ def use_fast_kernels(model: nn.Module) -> nn.Module:
             q = layer.get_submodule(name)
             if runs_fast(q):
                 set_module(layer, name, FastLinear(q, caches.get(shared.get(name), SharedActivations())))
-        if all(isinstance(layer.get_submodule(n), FastLinear) and layer.get_submodule(n).bits == 4
-               for n in PROJECTIONS):
-            model.layers[i] = FastDecoderLayer(layer, model.config)
+    if all(isinstance(f, FastLinear) and f.bits == 4
+           for layer in model.layers for f in map(layer.get_submodule, PROJECTIONS)):
+        model.fused_decode = FastDecode(model)
     if runs_fast(model.lm_head):
         model.lm_head = FastLinear(model.lm_head, SharedActivations())
     return model

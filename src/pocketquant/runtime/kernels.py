@@ -26,7 +26,7 @@ def lib():
             raise PocketQuantError("the native kernels are not built: reinstall pocketquant with a C compiler "
                                    "present (pip install .), or use the reference runtime")
         _lib = ctypes.CDLL(str(found[0]))
-        _lib.pq_quantize_rows.argtypes = [P, I64, I64, P, P, P]
+        _lib.pq_quantize_rows.argtypes = [P, I64, I64, P, P, P, INT]
         _lib.pq_linear_w4.argtypes = [P, P, P, I64, I64, P, P, P, I64, P, I64, INT]
         _lib.pq_linear_w8.argtypes = [P, P, P, I64, I64, P, P, P, P, I64, INT]
         _lib.pq_hadamard.argtypes = [P, I64, I64]
@@ -55,13 +55,16 @@ def _p(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def quantize_rows(x: torch.Tensor):
-    """float32 [M, K] -> (u8 = q + 128 [M, K], scale float32 [M], zero point int32 [M])."""
+def quantize_rows(x: torch.Tensor, int4_layout: bool = False):
+    """float32 [M, K] -> (u8 = q + 128 [M, K], scale float32 [M], zero point int32 [M]). With `int4_layout`
+    (K a multiple of 32) each row's bytes are ordered for `linear_w4` (see kernels.c)."""
     M, K = x.shape
+    if int4_layout and K % 32:
+        raise PocketQuantError(f"the int4 layout needs a width that is a multiple of 32, got {K}")
     x = x.contiguous()
     qa = torch.empty(M, K, dtype=torch.uint8)
     scale, zp = torch.empty(M, dtype=torch.float32), torch.empty(M, dtype=torch.int32)
-    lib().pq_quantize_rows(_p(x), M, K, _p(qa), _p(scale), _p(zp))
+    lib().pq_quantize_rows(_p(x), M, K, _p(qa), _p(scale), _p(zp), int(int4_layout))
     return qa, scale, zp
 
 
@@ -97,18 +100,26 @@ def hadamard_(x: torch.Tensor) -> torch.Tensor:
 class LayerParams(ctypes.Structure):
     """Mirror of `pq_layer` in kernels.c."""
 
-    _fields_ = [(n, I64) for n in ("dim", "n_heads", "n_kv", "head_dim", "ffn", "max_t")] + [
+    _fields_ = [(n, I64) for n in ("dim", "n_heads", "n_kv", "head_dim", "ffn")] + [
         ("eps", ctypes.c_float), ("attn_norm", P), ("ffn_norm", P),
         ("w", P * 7), ("s", P * 7), ("c", P * 7), ("g", I64 * 7)]  # q, k, v, o, gate, up, down
 
 
-def decode_layer(params: LayerParams, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
-                 cos: torch.Tensor, sin: torch.Tensor, scratch: torch.Tensor, qa: torch.Tensor, threads: int):
-    """One decoder layer for one token, in place on float32 x [dim]."""
-    f = lib().pq_decode_layer
+class CacheParams(ctypes.Structure):
+    """Mirror of `pq_cache` in kernels.c."""
+
+    _fields_ = [(n, P) for n in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")] + [
+        ("max_t", I64), ("bits", I64)]
+
+
+def decode_layers(layers, caches, x: torch.Tensor, pos: int, inv_freq: torch.Tensor, scratch: torch.Tensor,
+                  qa: torch.Tensor, threads: int):
+    """One token through every layer (ctypes arrays of LayerParams and CacheParams), in place on x [dim]."""
+    f = lib().pq_decode_layers
     if f.argtypes is None:
-        f.argtypes = [ctypes.POINTER(LayerParams), P, P, P, I64, P, P, P, P, INT]
-    f(ctypes.byref(params), _p(x), _p(k_cache), _p(v_cache), pos, _p(cos), _p(sin), _p(scratch), _p(qa), threads)
+        f.argtypes = [P, P, I64, P, I64, P, P, P, INT]
+    f(ctypes.addressof(layers), ctypes.addressof(caches), len(layers), _p(x), pos, _p(inv_freq), _p(scratch),
+      _p(qa), threads)
 
 
 def return_freed_memory_promptly():
