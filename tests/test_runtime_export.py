@@ -126,14 +126,17 @@ def test_llama_cpp_reads_our_export_like_we_do(packed, tmp_path):
 
 def test_bench_reports_every_figure(packed, tiny_text_dir, tmp_path):
     path, _ = tiny_text_dir
+    kv8 = _packed(tiny_text_dir, tmp_path / "kv8.safetensors", kv_cache_bits=8)
     cmd = [sys.executable, "-m", "pocketquant", "bench", str(packed), "--float", str(path), "--threads", "1",
+           "--also", str(kv8),
            "--prompt-tokens", "16", "--decode-tokens", "4", "--repeats", "1", "--json", str(tmp_path / "b.json"),
            "--plot", str(tmp_path / "b.png")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "decode (tok/s)" in proc.stdout and "roofline" in proc.stdout
     result = json.loads((tmp_path / "b.json").read_text())
-    assert [c["label"] for c in result["configs"]] == ["pocketquant int4-eo8", "float32 eager", "bfloat16 eager"]
+    assert [c["label"] for c in result["configs"]] == ["pocketquant int4-eo8", "pocketquant kv8", "float32 eager",
+                                                       "bfloat16 eager"]
     for c in result["configs"]:
         assert all(c[k] > 0 for k in ("file_bytes", "peak_rss_mb", "ttft_ms", "prefill_tok_s", "decode_tok_s"))
     assert result["bandwidth_gb_s"] > 0 and result["decode_roofline_tok_s"] > 0

@@ -178,13 +178,16 @@ def decode_bytes_per_token(packed: str) -> int:
 
 
 def bench(packed: str, float_source: str | None, llama_cpp: bool = False, reference: bool = False,
-          settings: Settings = Settings(), progress=print) -> dict:
-    """Benchmark the packed model against its float source and peers; ratios are against the first."""
+          settings: Settings = Settings(), progress=print, also: tuple[str, ...] = ()) -> dict:
+    """Benchmark the packed model against its float source and peers; ratios are against the first.
+    `also`: more packed files (e.g. the same weights with an int8 KV cache), each its own column."""
     from pocketquant.runtime import kernels
 
-    if not Path(packed).is_file():
-        raise PocketQuantError(f"no such packed file: {packed}")
+    for path in (packed, *also):
+        if not Path(path).is_file():
+            raise PocketQuantError(f"no such packed file: {path}")
     configs = [Config("pocketquant int4-eo8", "pocketquant", packed)]
+    configs += [Config(f"pocketquant {Path(p).stem}", "pocketquant", p) for p in also]
     if float_source:
         configs += [Config("float32 eager", "torch", float_source, "float32"),
                     Config("bfloat16 eager", "torch", float_source, "bfloat16")]

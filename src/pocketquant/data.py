@@ -27,3 +27,16 @@ def read_text(path: str | Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise PocketQuantError(f"{path}: not UTF-8 text ({e})") from e
+
+
+def token_blocks(tokens: list[int], n: int, length: int) -> "torch.Tensor":
+    """The first n disjoint blocks of `length` tokens [n, length] (calibration and training samples)."""
+    import torch
+
+    if n < 1 or length < 2:
+        raise PocketQuantError(f"need at least one block of at least 2 tokens, got {n} x {length}")
+    if len(tokens) < n * length:
+        raise PocketQuantError(f"the text has {len(tokens):,} tokens, fewer than {n} x {length} = {n * length:,}; "
+                               "use fewer or shorter samples, or more text")
+    return torch.tensor(tokens[: n * length]).reshape(n, length)
+

@@ -50,6 +50,17 @@ def _quantize_grouped(wg: torch.Tensor, scales: torch.Tensor, bits: int) -> torc
     return torch.clamp(torch.round(wg / scales[..., None]), qmin, qmax)
 
 
+def group_scales(wg: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """The scheme's stored scale (in float32) of each group of grouped weights [out, n_groups, group]."""
+    return _round_scales(_base_scales(wg, spec), spec)
+
+
+def quantize_with_scales(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers (as float32) of w [...] for scales broadcastable to it."""
+    qmin, qmax = qrange(bits)
+    return torch.clamp(torch.round(w / scales), qmin, qmax)
+
+
 def quantize_weight(w: torch.Tensor, spec: WeightSpec, search_clip: bool = False):
     """Quantize w [out, in] -> (q int8 [out, in], scales float32 [out, in // group]).
 
@@ -61,7 +72,7 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec, search_clip: bool = False
         raise PocketQuantError(f"group size {g} does not divide the input width {in_f}")
     wg = w.detach().float().reshape(out_f, in_f // g, g)
     base = _base_scales(wg, spec)
-    scales = _round_scales(base, spec)
+    scales = _round_scales(base, spec)  # = group_scales(wg, spec)
     if search_clip:
         best_err = torch.full_like(scales, float("inf"))
         for ratio in CLIP_RATIOS:

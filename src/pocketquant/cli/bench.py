@@ -10,6 +10,8 @@ def register(p):
     p.add_argument("--llama-cpp", action="store_true",
                    help="also run llama.cpp (llama-cpp-python) on a GGUF export of the same weights")
     p.add_argument("--reference", action="store_true", help="also time the reference runtime")
+    p.add_argument("--also", action="append", default=[], metavar="PACKED",
+                   help="another packed file to time in its own column (repeatable), e.g. with an int8 KV cache")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
@@ -29,7 +31,7 @@ def run(args) -> int:
         raise PocketQuantError("--threads, --prompt-tokens, --decode-tokens and --repeats must be >= 1")
     settings = Settings(args.threads, args.prompt_tokens, args.decode_tokens, args.repeats)
     result = bench(args.packed, args.float_source, args.llama_cpp, args.reference, settings,
-                   progress=lambda m: print(m, file=sys.stderr))
+                   progress=lambda m: print(m, file=sys.stderr), also=tuple(args.also))
     print(table(result))
     if args.json:
         write_json(result, args.json)

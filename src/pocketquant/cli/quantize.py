@@ -6,7 +6,8 @@ from __future__ import annotations
 def register(p):
     p.add_argument("model", metavar="MODEL", help="a float model: path or known name (smollm2-135m)")
     p.add_argument("-o", "--output", required=True, help="the packed file to write (.safetensors)")
-    p.add_argument("--method", default="rtn", help="rtn (default)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+                   help="rtn (default, no data) or gptq (calibrated; resumes after a kill)")
     p.add_argument("--scheme", default="int4-eo8",
                    help="int4-eo8 (default), int4-eo8-g128, int8, w4-g32")
     p.add_argument("--scale-rule", default=None, choices=["signed-max", "absmax"],
@@ -17,6 +18,13 @@ def register(p):
                    help="for a tied model: one int8 table for embedding and output (smaller, same numbers)")
     p.add_argument("--kv-cache", default=None, choices=["float", "int8"],
                    help="KV-cache precision at run time (default: the scheme's, float); int8 is per token and head")
+    g = p.add_argument_group("gptq")
+    g.add_argument("--calib-samples", type=int, default=128, help="calibration blocks (default 128)")
+    g.add_argument("--calib-len", type=int, default=512, help="tokens per calibration block (default 512)")
+    g.add_argument("--calib-text", default=None, metavar="FILE",
+                   help="calibration text (default: the shipped Python HOWTOs and FAQ)")
+    g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of its mean diagonal")
+    g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
     p.set_defaults(run=run)
 
 
@@ -25,7 +33,9 @@ def run(args) -> int:
 
     r = quantize(args.model, args.output, args.method, args.scheme, args.search_clip,
                  args.share_embedding_output, args.scale_rule,
-                 kv_cache_bits={None: None, "float": None, "int8": 8}[args.kv_cache])
+                 kv_cache_bits={None: None, "float": None, "int8": 8}[args.kv_cache],
+                 calib_samples=args.calib_samples, calib_len=args.calib_len, damp=args.damp,
+                 act_order=args.act_order, calib_text=args.calib_text)
     print(f"wrote {r.path} ({r.file_bytes:,} bytes)")
     if r.can_share and r.shared:
         print(f"embedding and output share one int8 table; separate tables would add "

@@ -11,7 +11,7 @@ import torch
 from pocketquant.errors import PocketQuantError
 from pocketquant.scheme import QuantScheme, get_scheme
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 
 
 @dataclass
@@ -25,13 +25,16 @@ class QuantizeResult:
 
 def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: str | QuantScheme = "int4-eo8",
              search_clip: bool = False, share_embedding_output: bool = False, scale_rule: str | None = None,
-             kv_cache_bits: int | None = None, progress=True) -> QuantizeResult:
-    """Quantize `source` (path or known name) with `method` under `scheme`; write the packed file `out`."""
+             kv_cache_bits: int | None = None, progress=True, calib_samples: int = 128, calib_len: int = 512,
+             damp: float = 0.01, act_order: bool = False, calib_text: str | None = None) -> QuantizeResult:
+    """Quantize `source` (path or known name) with `method` under `scheme`; write the packed file `out`.
+    GPTQ calibrates on `calib_samples` blocks of `calib_len` tokens of `calib_text` (default: the shipped
+    calibration text) and checkpoints each layer in OUT.gptq-state/, from which a rerun resumes."""
     from pocketquant.checkpoints import load_model
     from pocketquant.layers import check_plan
     from pocketquant.packed import save_packed
     from pocketquant.progress import bar
-    from pocketquant.quant import rtn
+    from pocketquant.quant import gptq, rtn
 
     if method not in METHODS:
         raise PocketQuantError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
@@ -49,8 +52,19 @@ def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: s
     loaded = load_model(source, torch.float32)
     model = loaded.model
     check_plan(model, scheme)  # refuse before any work
-    config = rtn.RTNConfig(scheme, search_clip)
-    model = rtn.apply(model, config, progress=bar if progress else None)
+    if method == "rtn":
+        config = rtn.RTNConfig(scheme, search_clip)
+        model = rtn.apply(model, config, progress=bar if progress else None)
+    else:
+        from pocketquant.data import read_text, shipped_text, token_blocks
+
+        if loaded.tokenizer is None:
+            raise PocketQuantError(f"{source} has no tokenizer: GPTQ needs calibration text")
+        text = read_text(calib_text) if calib_text else shipped_text("calibration")
+        tokens = token_blocks(loaded.tokenizer.encode(text), calib_samples, calib_len)
+        config = gptq.GPTQConfig(scheme, calib_samples, calib_len, damp, act_order)
+        model = gptq.apply(model, config, tokens, progress=bar if progress else None,
+                           state_dir=out.with_name(out.name + ".gptq-state"))
     save_packed(out, model, scheme, [config.to_dict()], loaded.tokenizer)
     lm = model.lm_head
     table = lm.qweight.numel() * lm.qweight.element_size() + lm.scales.numel() * lm.scales.element_size() \

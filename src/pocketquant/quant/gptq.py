@@ -1,0 +1,205 @@
+"""GPTQ (Frantar et al., 2022): quantize each block linear's columns in turn, pushing every column's
+rounding error onto the columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+Layer by layer, as a deployed model computes: the calibration inputs of layer i are the outputs of the
+already-quantized layers before it, and each linear's Hessian comes from its inputs after the scheme's
+int8 activation quantization. Peak memory is one decoder layer plus the calibration activations.
+After each layer the state is checkpointed, so a killed run resumes from the last finished layer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pocketquant.errors import PocketQuantError
+from pocketquant.layers import QuantEmbedding, QuantLinear, check_plan, linear_plan, set_module, share_embedding_output
+from pocketquant.model import Transformer
+from pocketquant.numerics import check_finite, fake_quant_per_token, group_scales, quantize_with_scales
+from pocketquant.packed import atomic_write
+from pocketquant.scheme import PRESETS, QuantScheme, WeightSpec
+
+# Linears that read the same input share one Hessian.
+INPUTS = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "self_attn.v_proj": "attn",
+          "self_attn.o_proj": "o", "mlp.gate_proj": "mlp", "mlp.up_proj": "mlp", "mlp.down_proj": "down"}
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    scheme: QuantScheme = field(default_factory=lambda: PRESETS["int4-eo8"])
+    samples: int = 128  # calibration blocks
+    seq_len: int = 512  # tokens per block
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
+    act_order: bool = False  # quantize columns by decreasing Hessian diagonal (scales fixed up front)
+    block: int = 128  # columns updated together (a multiple of the group size)
+
+    def to_dict(self) -> dict:
+        return {"method": "gptq", "scheme": self.scheme.to_dict(), "samples": self.samples, "seq_len": self.seq_len,
+                "damp": self.damp, "act_order": self.act_order, "block": self.block}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTQConfig":
+        return cls(QuantScheme.from_dict(d["scheme"]), int(d["samples"]), int(d["seq_len"]), float(d["damp"]),
+                   bool(d["act_order"]), int(d["block"]))
+
+
+def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float = 0.01, act_order: bool = False,
+                block: int = 128):
+    """Quantize w [out, in] against the Hessian H [in, in] of its inputs -> (q int8, scales float32), the
+    same form as `numerics.quantize_weight`. Each group's scale is set, by the scheme's rule, from the
+    group's weights as updated when quantization reaches it (with act_order: from the original weights)."""
+    W = w.detach().float().clone()
+    out_f, in_f = W.shape
+    g = spec.group_for(in_f)
+    block = max(g, block // g * g)
+    H = H.double().clone()
+    dead = torch.diag(H) == 0  # inputs that were always zero: any value works, 0 is simplest
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    scales = torch.zeros(out_f, in_f // g)
+    perm = torch.arange(in_f)
+    if act_order:
+        scales = group_scales(W.reshape(out_f, -1, g), spec)
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype)
+    try:
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    except torch.linalg.LinAlgError as e:
+        raise PocketQuantError(f"GPTQ: the Hessian is not positive definite even with damping {damp}; "
+                               "raise --damp or use more calibration samples") from e
+    Q = torch.zeros_like(W)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        W1, err = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            if not act_order and col % g == 0:  # first column of a group: its scale from the current weights
+                scales[:, col // g] = group_scales(W1[:, i:i + g].reshape(out_f, 1, g), spec)[:, 0]
+            s = scales[:, col // g]
+            q = quantize_with_scales(W1[:, i], s, spec.bits)
+            Q[:, i1 + i] = q
+            e = (W1[:, i] - q * s) / U[i1 + i, i1 + i]
+            W1[:, i:] -= e[:, None] * U[i1 + i, i1 + i:i2][None, :]
+            err[:, i] = e
+        W[:, i2:] -= err @ U[i1:i2, i2:]
+    if act_order:
+        Q = Q[:, torch.argsort(perm)]
+    return Q.to(torch.int8), scales
+
+
+class _State:
+    """The checkpoint directory of a run: progress.json, the quantized layers, the next layer's inputs."""
+
+    def __init__(self, path: Path, key: dict):
+        self.path, self.key = path, key
+
+    def done(self) -> int:
+        """Layers already quantized by an earlier run with the same settings (0 if none)."""
+        f = self.path / "progress.json"
+        if not f.is_file():
+            return 0
+        saved = json.loads(f.read_text())
+        if saved.get("key") != self.key:
+            raise PocketQuantError(f"{self.path} holds a GPTQ run with other settings; delete it to start over")
+        return int(saved["done"])
+
+    def save(self, i: int, layer: torch.nn.Module, x: torch.Tensor):
+        self.path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in layer.state_dict().items()
+                   if k.endswith(("qweight", "scales"))}
+        atomic_write(self.path / f"layer-{i}.safetensors", lambda p: save_file(tensors, str(p)))
+        atomic_write(self.path / "inputs.safetensors", lambda p: save_file({"x": x.contiguous()}, str(p)))
+        atomic_write(self.path / "progress.json",
+                     lambda p: p.write_text(json.dumps({"key": self.key, "done": i + 1})))
+
+    def restore(self, i: int, layer: torch.nn.Module, plan: dict):
+        tensors = load_file(str(self.path / f"layer-{i}.safetensors"))
+        for name, spec in plan.items():
+            q = QuantLinear(*_shape(layer.get_submodule(name)), spec)
+            q.qweight, q.scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
+            set_module(layer, name, q)
+
+    def inputs(self) -> torch.Tensor:
+        return load_file(str(self.path / "inputs.safetensors"))["x"]
+
+
+def _shape(linear) -> tuple[int, int]:
+    return linear.in_features, linear.out_features
+
+
+@torch.no_grad()
+def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress=None,
+          state_dir: str | Path | None = None, batch: int = 8) -> Transformer:
+    """Quantize `model` in place with GPTQ on calibration `tokens` [n, T]; embedding and output by RTN.
+    With `state_dir`, each finished layer is checkpointed there and a rerun resumes after it."""
+    scheme = config.scheme
+    check_plan(model, scheme)
+    model.set_kv_cache_bits(scheme.kv_cache_bits)  # attention sees keys/values as deployed
+    plan = linear_plan(model, scheme)
+    n_layers, T = len(model.layers), tokens.shape[1]
+    state = _State(Path(state_dir), {**config.to_dict(), "tokens": int(tokens.sum()), "shape": list(tokens.shape)}) \
+        if state_dir else None
+    start = state.done() if state else 0
+    cos, sin = model.rope(0, T, torch.float32)
+    mask = model.attention_mask(0, T, False, tokens.device)
+    x = state.inputs() if start else torch.cat([model.embed_tokens(t).float() for t in tokens.split(batch)])
+    layers = range(n_layers)
+    for i in (progress(layers, desc="gptq", unit="layer") if progress else layers):
+        layer = model.layers[i]
+        layer_plan = {s: plan[f"layers.{i}.{s}"] for s in INPUTS if plan[f"layers.{i}.{s}"] is not None}
+        if i < start:
+            state.restore(i, layer, layer_plan)
+            continue
+        hessians = _hessians(layer, layer_plan, x, cos, sin, mask, batch)
+        for name, spec in layer_plan.items():
+            linear = layer.get_submodule(name)
+            check_finite(linear.weight, f"layers.{i}.{name}")
+            q, scales = gptq_weight(linear.weight, hessians[INPUTS[name]], spec.weight, config.damp,
+                                    config.act_order, config.block)
+            set_module(layer, name, QuantLinear.from_int(q, scales, spec))
+        x = torch.cat([layer(xb, cos, sin, mask, None, 0) for xb in x.split(batch)])
+        if state:
+            state.save(i, layer, x)
+    if plan["lm_head"] is not None:
+        model.lm_head = QuantLinear.from_float(model.lm_head.weight, plan["lm_head"], "lm_head")
+    if scheme.embedding is not None:
+        model.embed_tokens = QuantEmbedding.from_float(model.embed_tokens.weight, scheme.embedding)
+    if scheme.share_embedding_output:
+        share_embedding_output(model)
+    if state:
+        shutil.rmtree(state.path, ignore_errors=True)
+    return model
+
+
+def _hessians(layer, layer_plan: dict, x, cos, sin, mask, batch: int) -> dict[str, torch.Tensor]:
+    """H = 2 / n * sum(x x^T) over every calibration token, for each distinct input of the layer's
+    quantized linears (after their int8 activation quantization, as they will see it)."""
+    sums, count, hooks = {}, {}, []
+
+    def hook(name):
+        def record(module, args):
+            spec = layer_plan[name]
+            a = args[0].reshape(-1, args[0].shape[-1]).float()
+            a = fake_quant_per_token(a, spec.act) if spec.act else a
+            key = INPUTS[name]
+            sums[key] = sums.get(key, 0) + (a.T @ a).double()  # float32 per batch, float64 across batches
+            count[key] = count.get(key, 0) + a.shape[0]
+        return record
+
+    first = {}
+    for name in layer_plan:  # one hook per distinct input
+        first.setdefault(INPUTS[name], name)
+    for name in first.values():
+        hooks.append(layer.get_submodule(name).register_forward_pre_hook(hook(name)))
+    try:
+        for xb in x.split(batch):
+            layer(xb, cos, sin, mask, None, 0)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: (2.0 / count[k] * v).float() for k, v in sums.items()}

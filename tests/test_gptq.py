@@ -1,0 +1,106 @@
+"""GPTQ: the column algorithm against RTN, and the layer-by-layer run with checkpoints and resume."""
+
+import pytest
+import torch
+
+from pocketquant.checkpoints import load_model
+from pocketquant.errors import PocketQuantError
+from pocketquant.layers import QuantLinear
+from pocketquant.numerics import dequantize_weight, quantize_weight
+from pocketquant.quant import gptq, rtn
+from pocketquant.scheme import WeightSpec
+
+G = torch.Generator().manual_seed(0)
+SPEC = WeightSpec(4, 32)
+
+
+def correlated_inputs(n=4096, k=128):
+    """Inputs near a 32-dimensional subspace, as a layer's activations tend to be."""
+    return torch.randn(n, 32, generator=G) @ torch.randn(32, k, generator=G) + 0.1 * torch.randn(n, k, generator=G)
+
+
+def output_error(x, w, q, scales):
+    return (x @ w.T - x @ dequantize_weight(q, scales).T).pow(2).mean().item()
+
+
+def test_identity_hessian_gives_round_to_nearest():
+    """With uncorrelated unit inputs no error can be moved anywhere: GPTQ must equal RTN exactly."""
+    w = torch.randn(24, 96, generator=G)
+    q, s = gptq.gptq_weight(w, torch.eye(96), SPEC, damp=0.0)
+    q_rtn, s_rtn = quantize_weight(w, SPEC)
+    assert torch.equal(q, q_rtn) and torch.equal(s, s_rtn)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lowers_the_output_error_of_round_to_nearest(act_order):
+    x, w = correlated_inputs(), torch.randn(64, 128, generator=G)
+    H = 2 * x.T @ x / x.shape[0]
+    q, s = gptq.gptq_weight(w, H, SPEC, act_order=act_order)
+    assert q.dtype == torch.int8 and q.min() >= -8 and q.max() <= 7 and s.shape == (64, 4)
+    rtn_err, gptq_err = output_error(x, w, *quantize_weight(w, SPEC)), output_error(x, w, q, s)
+    assert gptq_err < 0.5 * rtn_err  # measured: 0.15 (0.10 with act_order)
+
+
+def test_dead_inputs_and_bad_hessians():
+    w, H = torch.randn(8, 64, generator=G), torch.eye(64)
+    H[5, 5] = 0  # an input that was always zero
+    q, _ = gptq.gptq_weight(w, H, SPEC)
+    assert (q[:, 5] == 0).all()
+    with pytest.raises(PocketQuantError, match="positive definite"):
+        gptq.gptq_weight(w, -torch.eye(64), SPEC, damp=0.0)
+
+
+def _model(tiny_text_dir):
+    return load_model(tiny_text_dir[0]).model
+
+
+def test_layer_by_layer_gptq_beats_rtn_on_its_calibration_text(tiny_text_dir):
+    tokens = torch.randint(0, 256, (8, 64), generator=G)
+    ref = _model(tiny_text_dir)
+    with torch.no_grad():
+        target = ref(tokens).log_softmax(-1)
+        errors = {}
+        for name, model in (("rtn", rtn.apply(_model(tiny_text_dir), rtn.RTNConfig())),
+                            ("gptq", gptq.apply(_model(tiny_text_dir), gptq.GPTQConfig(samples=8, seq_len=64),
+                                                tokens))):
+            assert isinstance(model.layers[1].mlp.down_proj, QuantLinear)
+            errors[name] = torch.nn.functional.kl_div(model(tokens).log_softmax(-1), target, log_target=True,
+                                                      reduction="batchmean").item()
+    assert errors["gptq"] < errors["rtn"]
+
+
+def test_a_killed_run_resumes_after_its_last_finished_layer(tiny_text_dir, tmp_path, monkeypatch):
+    tokens = torch.randint(0, 256, (4, 32), generator=G)
+    config = gptq.GPTQConfig(samples=4, seq_len=32)
+    whole = gptq.apply(_model(tiny_text_dir), config, tokens)
+
+    state = tmp_path / "state"
+    real, calls = gptq.gptq_weight, []
+
+    def dies_in_layer_1(*args, **kw):
+        calls.append(1)
+        if len(calls) > 7 + 3:  # layer 0's seven linears, then three of layer 1
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gptq, "gptq_weight", dies_in_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        gptq.apply(_model(tiny_text_dir), config, tokens, state_dir=state)
+    assert (state / "layer-0.safetensors").is_file() and not (state / "layer-1.safetensors").exists()
+
+    calls.clear()
+    monkeypatch.setattr(gptq, "gptq_weight", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    resumed = gptq.apply(_model(tiny_text_dir), config, tokens, state_dir=state)
+    assert len(calls) == 7  # only layer 1 was quantized again
+    assert not state.exists()  # the checkpoint is removed once the run is complete
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tiny_text_dir, tmp_path):
+    tokens = torch.randint(0, 256, (4, 32), generator=G)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "progress.json").write_text('{"key": {"method": "gptq", "damp": 0.5}, "done": 1}')
+    with pytest.raises(PocketQuantError, match="other settings"):
+        gptq.apply(_model(tiny_text_dir), gptq.GPTQConfig(samples=4, seq_len=32), tokens, state_dir=state)
