@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from pocketquant.hadamard import hadamard_transform
 from pocketquant.layers import QuantLinear
 from pocketquant.numerics import quantize_per_token
 from pocketquant.runtime import kernels
@@ -108,5 +109,8 @@ def test_hadamard_equals_the_matrix():
         H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
     x = torch.randn(3, n, generator=G)
     torch.testing.assert_close(kernels.hadamard_(x.clone()), x @ H.T / n ** 0.5, atol=1e-5, rtol=1e-5)
-    with pytest.raises(kernels.PocketQuantError, match="power-of-two"):
-        kernels.hadamard_(torch.zeros(2, 48))
+    for n in (192, 1536):  # Paley (x) Sylvester widths, as pocketquant.hadamard builds them
+        x = torch.randn(3, n, generator=G)
+        torch.testing.assert_close(kernels.hadamard_(x.clone()), hadamard_transform(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(kernels.PocketQuantError, match="width 112"):
+        kernels.hadamard_(torch.zeros(2, 112))

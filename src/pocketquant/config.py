@@ -36,6 +36,10 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    # online rotations of a rotated (SpinQuant) model: a Hadamard transform of down_proj's input (R4) and
+    # of queries and keys after RoPE (R3)
+    hadamard_down: bool = False
+    hadamard_qk: bool = False
     name: str = field(default="", compare=False)
 
     def __post_init__(self):

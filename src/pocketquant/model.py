@@ -3,6 +3,7 @@ a static preallocated KV cache. Parameter names follow Hugging Face (without the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketquant.config import ModelConfig, RopeScaling
+from pocketquant.hadamard import hadamard_transform
 from pocketquant.numerics import fake_quant_per_token, quantize_per_token
 
 
@@ -91,6 +93,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_bits: int | None = None  # 8: keys and values pass through int8 (the cache's numerics)
+        self.hadamard = cfg.hadamard_qk  # R3: rotate queries and keys (after RoPE) by a Hadamard transform
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, start_pos: int):
         B, T, _ = x.shape
@@ -100,6 +103,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if self.hadamard:  # q.k is unchanged; keys spread their outliers before an int8 cache
+            q, k = hadamard_transform(q), hadamard_transform(k)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         elif self.kv_bits == 8:
@@ -115,9 +120,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.hadamard = cfg.hadamard_down  # R4: down_proj reads its input Hadamard-transformed
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(hadamard_transform(h) if self.hadamard else h)
 
 
 class DecoderLayer(nn.Module):
@@ -151,6 +158,12 @@ class Transformer(nn.Module):
         # A runtime may install a native one-token step through every layer: fused_decode(x, caches,
         # start_pos) -> x, or None where it does not apply.
         self.fused_decode = None
+
+    def set_online_hadamards(self, down: bool, qk: bool):
+        """Turn on R4 (down_proj input) / R3 (queries and keys) for a model whose weights were rotated to match."""
+        self.config = dataclasses.replace(self.config, hadamard_down=down, hadamard_qk=qk)
+        for layer in self.layers:
+            layer.mlp.hadamard, layer.self_attn.hadamard = down, qk
 
     def set_kv_cache_bits(self, bits: int | None):
         """None: float KV cache; 8: int8 per token and head (new caches, and attention without a cache)."""

@@ -6,8 +6,9 @@ from __future__ import annotations
 def register(p):
     p.add_argument("model", metavar="MODEL", help="a float model: path or known name (smollm2-135m)")
     p.add_argument("-o", "--output", required=True, help="the packed file to write (.safetensors)")
-    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
-                   help="rtn (default, no data) or gptq (calibrated; resumes after a kill)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "spinquant"],
+                   help="rtn (default, no data), gptq (calibrated; resumes after a kill), or spinquant (learned "
+                        "rotations, then --then gptq|rtn)")
     p.add_argument("--scheme", default="int4-eo8",
                    help="int4-eo8 (default), int4-eo8-g128, int8, w4-g32")
     p.add_argument("--scale-rule", default=None, choices=["signed-max", "absmax"],
@@ -25,6 +26,15 @@ def register(p):
                    help="calibration text (default: the shipped Python HOWTOs and FAQ)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of its mean diagonal")
     g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
+    s = p.add_argument_group("spinquant")
+    s.add_argument("--then", default="gptq", choices=["gptq", "rtn"], help="quantizer after the rotations")
+    s.add_argument("--rotations", default=None, metavar="FILE",
+                   help="reuse rotations saved by an earlier run (OUT.rotations.safetensors) instead of learning")
+    s.add_argument("--spin-iterations", type=int, default=40, help="Cayley SGD steps (default 40)")
+    s.add_argument("--spin-samples", type=int, default=40, help="calibration blocks for the search (default 40)")
+    s.add_argument("--spin-len", type=int, default=256, help="tokens per search block (default 256)")
+    s.add_argument("--spin-lr", type=float, default=1.5, help="Cayley SGD learning rate, cosine-decayed")
+    s.add_argument("--no-learn", action="store_true", help="random Hadamard rotations only (no search)")
     p.set_defaults(run=run)
 
 
@@ -35,8 +45,15 @@ def run(args) -> int:
                  args.share_embedding_output, args.scale_rule,
                  kv_cache_bits={None: None, "float": None, "int8": 8}[args.kv_cache],
                  calib_samples=args.calib_samples, calib_len=args.calib_len, damp=args.damp,
-                 act_order=args.act_order, calib_text=args.calib_text)
+                 act_order=args.act_order, calib_text=args.calib_text, rotations=args.rotations, then=args.then,
+                 spin={"iterations": args.spin_iterations, "samples": args.spin_samples, "seq_len": args.spin_len,
+                       "lr": args.spin_lr, "learn": not args.no_learn})
     print(f"wrote {r.path} ({r.file_bytes:,} bytes)")
+    if r.rotation_losses:
+        n = len(r.rotation_losses)
+        print(f"rotation search: loss {r.rotation_losses[0]:.4f} -> {r.rotation_losses[-1]:.4f} over {n} steps "
+              f"(mean of the first / last 5: {sum(r.rotation_losses[:5]) / min(5, n):.4f} / "
+              f"{sum(r.rotation_losses[-5:]) / min(5, n):.4f}); rotations in {r.rotations}")
     if r.can_share and r.shared:
         print(f"embedding and output share one int8 table; separate tables would add "
               f"{r.output_table_bytes:,} bytes ({r.file_bytes + r.output_table_bytes:,} in all)")

@@ -89,6 +89,9 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "Q4_0") -> Path
                                "is not one")
     path = Path(path)
     c = model.config
+    if c.hadamard_down or c.hadamard_qk:
+        raise PocketQuantError("this model applies online Hadamard rotations (SpinQuant R3/R4), which llama.cpp "
+                               "does not; GGUF export would compute another function")
     tensors = _rope_freqs(c)
     tensors |= {"token_embd.weight": model.embed_tokens if isinstance(model.embed_tokens, QuantEmbedding)
                else model.embed_tokens.weight, "output_norm.weight": model.norm.weight}

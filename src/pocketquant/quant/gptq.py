@@ -60,13 +60,14 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float 
     dead = torch.diag(H) == 0  # inputs that were always zero: any value works, 0 is simplest
     H[dead, dead] = 1
     W[:, dead] = 0
-    scales = torch.zeros(out_f, in_f // g)
-    perm = torch.arange(in_f)
+    dev = W.device
+    scales = torch.zeros(out_f, in_f // g, device=dev)
+    perm = torch.arange(in_f, device=dev)
     if act_order:
         scales = group_scales(W.reshape(out_f, -1, g), spec)
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype)
+    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype, device=dev)
     try:
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     except torch.linalg.LinAlgError as e:
@@ -75,7 +76,7 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float 
     Q = torch.zeros_like(W)
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
-        W1, err = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1)
+        W1, err = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, device=dev)
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             if not act_order and col % g == 0:  # first column of a group: its scale from the current weights
@@ -110,22 +111,22 @@ class _State:
 
     def save(self, i: int, layer: torch.nn.Module, x: torch.Tensor):
         self.path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.contiguous() for k, v in layer.state_dict().items()
+        tensors = {k: v.cpu().contiguous() for k, v in layer.state_dict().items()
                    if k.endswith(("qweight", "scales"))}
         atomic_write(self.path / f"layer-{i}.safetensors", lambda p: save_file(tensors, str(p)))
-        atomic_write(self.path / "inputs.safetensors", lambda p: save_file({"x": x.contiguous()}, str(p)))
+        atomic_write(self.path / "inputs.safetensors", lambda p: save_file({"x": x.cpu().contiguous()}, str(p)))
         atomic_write(self.path / "progress.json",
                      lambda p: p.write_text(json.dumps({"key": self.key, "done": i + 1})))
 
     def restore(self, i: int, layer: torch.nn.Module, plan: dict):
-        tensors = load_file(str(self.path / f"layer-{i}.safetensors"))
+        tensors = load_file(str(self.path / f"layer-{i}.safetensors"), device=str(layer.input_layernorm.weight.device))
         for name, spec in plan.items():
             q = QuantLinear(*_shape(layer.get_submodule(name)), spec)
             q.qweight, q.scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
             set_module(layer, name, q)
 
-    def inputs(self) -> torch.Tensor:
-        return load_file(str(self.path / "inputs.safetensors"))["x"]
+    def inputs(self, device) -> torch.Tensor:
+        return load_file(str(self.path / "inputs.safetensors"), device=str(device))["x"]
 
 
 def _shape(linear) -> tuple[int, int]:
@@ -136,7 +137,8 @@ def _shape(linear) -> tuple[int, int]:
 def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress=None,
           state_dir: str | Path | None = None, batch: int = 8) -> Transformer:
     """Quantize `model` in place with GPTQ on calibration `tokens` [n, T]; embedding and output by RTN.
-    With `state_dir`, each finished layer is checkpointed there and a rerun resumes after it."""
+    With `state_dir`, each finished layer is checkpointed there and a rerun resumes after it. Runs on
+    the model's device (CPU, or CUDA when the model is there)."""
     scheme = config.scheme
     check_plan(model, scheme)
     model.set_kv_cache_bits(scheme.kv_cache_bits)  # attention sees keys/values as deployed
@@ -145,9 +147,10 @@ def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress
     state = _State(Path(state_dir), {**config.to_dict(), "tokens": int(tokens.sum()), "shape": list(tokens.shape)}) \
         if state_dir else None
     start = state.done() if state else 0
+    tokens = tokens.to(model.device)
     cos, sin = model.rope(0, T, torch.float32)
     mask = model.attention_mask(0, T, False, tokens.device)
-    x = state.inputs() if start else torch.cat([model.embed_tokens(t).float() for t in tokens.split(batch)])
+    x = state.inputs(model.device) if start else torch.cat([model.embed_tokens(t).float() for t in tokens.split(batch)])
     layers = range(n_layers)
     for i in (progress(layers, desc="gptq", unit="layer") if progress else layers):
         layer = model.layers[i]

@@ -103,6 +103,12 @@ class FastDecode:
                 f = layer.get_submodule(name)
                 p.w[i], p.s[i], p.c[i], p.g[i] = (f.qweight.data_ptr(), f.scales.data_ptr(),
                                                   f.rowcorr.data_ptr(), f.group)
+        if c.hadamard_down:  # R4 (and R3) of a rotated model, applied inside the native step
+            m, self.had_down = kernels.hadamard_factor(c.ffn_dim)
+            for p in self.layers:
+                p.had_down_m, p.had_down = m, 0 if self.had_down is None else self.had_down.data_ptr()
+        for p in self.layers:
+            p.had_qk = int(c.hadamard_qk)
         self.inv_freq = model.inv_freq
         self.scratch = torch.empty(2 * c.head_dim + 2 * (c.n_heads + c.n_kv_heads) * c.head_dim + 3 * c.ffn_dim
                                    + c.dim + c.n_heads * c.max_seq_len, dtype=torch.float32)

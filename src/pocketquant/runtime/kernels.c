@@ -347,19 +347,34 @@ void pq_linear_w8(const uint8_t *qa, const float *as, const int32_t *azp, int64_
     }
 }
 
-/* In-place fast Walsh-Hadamard transform of each row of x [M, n] (n a power of two), scaled by 1/sqrt(n). */
-void pq_hadamard(float *x, int64_t M, int64_t n) {
+/* In place, each row of x [M, n]: x <- x @ H.T / sqrt(n) for H = H_m (x) Sylvester(n / m), with H_m the
+ * m x m +-1 matrix hm (row-major; m = 1 and hm NULL for a power of two). The Sylvester part is a fast
+ * Walsh-Hadamard transform of each of the m segments; H_m then mixes the segments. */
+void pq_hadamard(float *x, int64_t M, int64_t n, int64_t m, const float *hm) {
+    int64_t p = n / m;
     float norm = 1.0f / sqrtf((float)n);
-    for (int64_t m = 0; m < M; m++) {
-        float *r = x + m * n;
-        for (int64_t h = 1; h < n; h *= 2)
-            for (int64_t i = 0; i < n; i += 2 * h)
-                for (int64_t j = i; j < i + h; j++) {
-                    float a = r[j], b = r[j + h];
-                    r[j] = a + b;
-                    r[j + h] = a - b;
-                }
-        for (int64_t i = 0; i < n; i++) r[i] *= norm;
+    for (int64_t r = 0; r < M; r++) {
+        float *row = x + r * n;
+        for (int64_t a = 0; a < m; a++) {
+            float *seg = row + a * p;
+            for (int64_t h = 1; h < p; h *= 2)
+                for (int64_t i = 0; i < p; i += 2 * h)
+                    for (int64_t j = i; j < i + h; j++) {
+                        float u = seg[j], v = seg[j + h];
+                        seg[j] = u + v;
+                        seg[j + h] = u - v;
+                    }
+        }
+        for (int64_t b = 0; m > 1 && b < p; b++) {
+            float col[256]; /* m <= 256 (Paley orders used by Llama-family widths are far smaller) */
+            for (int64_t a = 0; a < m; a++) col[a] = row[a * p + b];
+            for (int64_t a = 0; a < m; a++) {
+                float acc = 0.0f;
+                for (int64_t c = 0; c < m; c++) acc += hm[a * m + c] * col[c];
+                row[a * p + b] = acc;
+            }
+        }
+        for (int64_t i = 0; i < n; i++) row[i] *= norm;
     }
 }
 
@@ -375,6 +390,10 @@ typedef struct {
     const uint16_t *s[7];
     const float *c[7];
     int64_t g[7];
+    /* online rotations of a rotated (SpinQuant) model: R4 on down_proj's input, R3 on queries and keys
+     * (pq_hadamard's m and H_m; had_down_m 0 = none) */
+    int64_t had_down_m, had_qk;
+    const float *had_down;
 } pq_layer;
 
 /* One layer's KV cache, [n_kv, max_t, head_dim] each: float32, or (bits 8) int8 values with a float32
@@ -558,6 +577,10 @@ void pq_decode_layer(const pq_layer *L, const pq_cache *C, float *x, int64_t pos
     pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[V], L->s[V], L->c[V], L->g[V], v, nkv, threads);
     rope(q, cos, sin, H, D);
     rope(k, cos, sin, KV, D);
+    if (L->had_qk) {
+        pq_hadamard(q, H, D, 1, NULL);
+        pq_hadamard(k, KV, D, 1, NULL);
+    }
     cache_write(C, k, v, KV, D, pos, qa);
     attend(q, C, att, probs, H, KV, D, pos, threads);
     pq_quantize_rows(att, 1, nq, qa, &scale, &zp, 1);
@@ -569,6 +592,7 @@ void pq_decode_layer(const pq_layer *L, const pq_cache *C, float *x, int64_t pos
     pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[GATE], L->s[GATE], L->c[GATE], L->g[GATE], g, F, threads);
     pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[UP], L->s[UP], L->c[UP], L->g[UP], u, F, threads);
     for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    if (L->had_down_m) pq_hadamard(g, 1, F, L->had_down_m, L->had_down);
     pq_quantize_rows(g, 1, F, qa, &scale, &zp, 1);
     pq_linear_w4(qa, &scale, &zp, 1, F, L->w[DOWN], L->s[DOWN], L->c[DOWN], L->g[DOWN], h, dim, threads);
     for (int64_t i = 0; i < dim; i++) x[i] += h[i];

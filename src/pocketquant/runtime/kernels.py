@@ -29,7 +29,7 @@ def lib():
         _lib.pq_quantize_rows.argtypes = [P, I64, I64, P, P, P, INT]
         _lib.pq_linear_w4.argtypes = [P, P, P, I64, I64, P, P, P, I64, P, I64, INT]
         _lib.pq_linear_w8.argtypes = [P, P, P, I64, I64, P, P, P, P, I64, INT]
-        _lib.pq_hadamard.argtypes = [P, I64, I64]
+        _lib.pq_hadamard.argtypes = [P, I64, I64, I64, P]
         _lib.pq_set_level.argtypes = [INT]
     return _lib
 
@@ -89,12 +89,24 @@ def linear_w8(acts, qweight: torch.Tensor, scales: torch.Tensor, wsum: torch.Ten
 
 
 def hadamard_(x: torch.Tensor) -> torch.Tensor:
-    """In place: each row of float32 x [M, n] (n a power of two) times the normalized Hadamard matrix."""
+    """In place: each row of float32 x [M, n] -> x @ H.T / sqrt(n), H = pocketquant.hadamard.hadamard_matrix(n)."""
     M, n = x.shape
-    if n & (n - 1) or not x.is_contiguous() or x.dtype != torch.float32:
-        raise PocketQuantError(f"hadamard needs contiguous float32 rows of a power-of-two width, got {n}")
-    lib().pq_hadamard(_p(x), M, n)
+    if not x.is_contiguous() or x.dtype != torch.float32:
+        raise PocketQuantError("hadamard needs contiguous float32 rows")
+    m, hm = hadamard_factor(n)
+    lib().pq_hadamard(_p(x), M, n, m, 0 if hm is None else _p(hm))
     return x
+
+
+def hadamard_factor(n: int):
+    """(m, H_m float32 or None) for the kernels' Hadamard transform of width n."""
+    from pocketquant.hadamard import factor, paley
+
+    f = factor(n)
+    if f is None or f[0] > 256:
+        raise PocketQuantError(f"no Hadamard transform of width {n} in the kernels")
+    m = f[0]
+    return m, None if m == 1 else paley(m - 1).float().contiguous()
 
 
 class LayerParams(ctypes.Structure):
@@ -102,7 +114,8 @@ class LayerParams(ctypes.Structure):
 
     _fields_ = [(n, I64) for n in ("dim", "n_heads", "n_kv", "head_dim", "ffn")] + [
         ("eps", ctypes.c_float), ("attn_norm", P), ("ffn_norm", P),
-        ("w", P * 7), ("s", P * 7), ("c", P * 7), ("g", I64 * 7)]  # q, k, v, o, gate, up, down
+        ("w", P * 7), ("s", P * 7), ("c", P * 7), ("g", I64 * 7),  # q, k, v, o, gate, up, down
+        ("had_down_m", I64), ("had_qk", I64), ("had_down", P)]
 
 
 class CacheParams(ctypes.Structure):
