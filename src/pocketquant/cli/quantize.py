@@ -25,7 +25,9 @@ def register(p):
     g.add_argument("--calib-text", default=None, metavar="FILE",
                    help="calibration text (default: the shipped Python HOWTOs and FAQ)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of its mean diagonal")
-    g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="quantize columns in their natural order, each group's scale from its weights as updated "
+                        "(default: by decreasing Hessian diagonal, scales fixed up front)")
     s = p.add_argument_group("spinquant")
     s.add_argument("--then", default="gptq", choices=["gptq", "rtn"], help="quantizer after the rotations")
     s.add_argument("--rotations", default=None, metavar="FILE",
@@ -48,6 +50,8 @@ def run(args) -> int:
                  act_order=args.act_order, calib_text=args.calib_text, rotations=args.rotations, then=args.then,
                  spin={"iterations": args.spin_iterations, "samples": args.spin_samples, "seq_len": args.spin_len,
                        "lr": args.spin_lr, "learn": not args.no_learn})
+    if r is None:  # a torchrun helper process: the first process writes the files
+        return 0
     print(f"wrote {r.path} ({r.file_bytes:,} bytes)")
     if r.rotation_losses:
         n = len(r.rotation_losses)

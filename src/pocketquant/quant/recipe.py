@@ -28,14 +28,16 @@ class QuantizeResult:
 def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: str | QuantScheme = "int4-eo8",
              search_clip: bool = False, share_embedding_output: bool = False, scale_rule: str | None = None,
              kv_cache_bits: int | None = None, progress=True, calib_samples: int = 128, calib_len: int = 512,
-             damp: float = 0.01, act_order: bool = False, calib_text: str | None = None,
+             damp: float = 0.01, act_order: bool = True, calib_text: str | None = None,
              spin: dict | None = None, rotations: str | Path | None = None, then: str = "gptq") -> QuantizeResult:
     """Quantize `source` (path or known name) with `method` under `scheme`; write the packed file `out`.
 
     GPTQ calibrates on `calib_samples` blocks of `calib_len` tokens of `calib_text` (default: the shipped
     calibration text) and checkpoints each layer in OUT.gptq-state/, from which a rerun resumes.
     SpinQuant learns rotations (`spin`: SpinQuantConfig fields; or reuses the file `rotations`), writes
-    them to OUT.rotations.safetensors, merges them, then quantizes with `then` (gptq or rtn)."""
+    them to OUT.rotations.safetensors, merges them, then quantizes with `then` (gptq or rtn). Under
+    torchrun every process shares the rotation search; the first one quantizes and writes the files,
+    the others return None."""
     from pocketquant.checkpoints import load_model
     from pocketquant.layers import check_plan
     from pocketquant.packed import save_packed
@@ -75,11 +77,14 @@ def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: s
     if method == "spinquant":
         from pocketquant.data import token_blocks
 
+        rank = _join_torchrun(model.device)
         config = spinquant.SpinQuantConfig(scheme, **(spin or {}))
         tokens = None if rotations else token_blocks(calibration, config.samples, config.seq_len)
         saved = out.with_name(out.stem + ".rotations.safetensors")
-        model, losses = spinquant.prepare(model, config, tokens, show, rotations=rotations,
-                                          save_to=None if rotations else saved)
+        model, losses = spinquant.prepare(model, config, tokens, show if rank == 0 else None, rotations=rotations,
+                                          save_to=None if rotations or rank else saved)
+        if rank:
+            return None
         recipe.append({**config.to_dict(), "rotations": str(rotations) if rotations else saved.name})
         result_extra = {"rotation_losses": losses, "rotations": Path(rotations) if rotations else saved}
     if method == "rtn" or (method == "spinquant" and then == "rtn"):
@@ -99,3 +104,16 @@ def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: s
     can_share = (model.config.tie_embeddings and scheme.embedding is not None and scheme.output is not None
                  and scheme.output.weight == scheme.embedding)
     return QuantizeResult(out, out.stat().st_size, table, scheme.share_embedding_output, can_share, **result_extra)
+
+
+def _join_torchrun(device) -> int:
+    """This process's rank when started by torchrun (joining its process group once), else 0."""
+    import os
+
+    dist = torch.distributed
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank()
+

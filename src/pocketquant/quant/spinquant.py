@@ -6,7 +6,9 @@ parametrizations), R4 merged and applied online, int8 activations fake-quantized
 (optionally int4 weights too), and the next-token loss on calibration text. R1 and R2 stay orthogonal
 through Cayley SGD on the Stiefel manifold, in float64:
     W = R G^T - G R^T (skew),  R <- (I - a/2 W)^-1 (I + a/2 W) R,  a = min(lr_t, 1 / |W|_F),
-a descent step along the Riemannian gradient with a cosine-decayed learning rate."""
+a descent step along the Riemannian gradient with a cosine-decayed learning rate. Under torchrun (an
+initialized torch.distributed group) each process takes its own calibration blocks and the gradients
+of R1 and R2 are averaged before every step, so all processes hold the same rotations."""
 
 from __future__ import annotations
 
@@ -144,11 +146,14 @@ def learn_rotations(model: Transformer, config: SpinQuantConfig, tokens: torch.T
             reg(lin, "weight", _FakeQuantWeight(spec.weight))
     kv_before = model.kv_cache_bits
     model.set_kv_cache_bits(scheme.kv_cache_bits)
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
     losses = []
     try:
         steps = range(config.iterations)
-        for step in (progress(steps, desc="spinquant", unit="step") if progress else steps):
-            first = (step * config.batch) % tokens.shape[0]
+        for step in (progress(steps, desc="spinquant", unit="step") if progress and rank == 0 else steps):
+            first = ((step * world + rank) * config.batch) % tokens.shape[0]
             batch = tokens[first:first + config.batch].to(dev)
             logits = model(batch[:, :-1])
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
@@ -156,6 +161,9 @@ def learn_rotations(model: Transformer, config: SpinQuantConfig, tokens: torch.T
             lr = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.iterations))
             with torch.no_grad():
                 for R in (R1, *R2):
+                    if world > 1:
+                        dist.all_reduce(R.grad)
+                        R.grad /= world
                     R.copy_(cayley_step(R, R.grad, lr).float())
                     R.grad = None
             losses.append(loss.item())
