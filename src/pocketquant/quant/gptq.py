@@ -17,10 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pocketquant.errors import PocketQuantError
-from pocketquant.layers import QuantEmbedding, QuantLinear, check_plan, linear_plan, set_module, share_embedding_output
+from pocketquant.layers import QuantLinear, check_plan, linear_plan, set_module
 from pocketquant.model import Transformer
 from pocketquant.numerics import check_finite, fake_quant_per_token, group_scales, quantize_with_scales
 from pocketquant.packed import atomic_write
+from pocketquant.quant.rtn import quantize_embedding
 from pocketquant.scheme import PRESETS, QuantScheme, WeightSpec
 
 # Linears that read the same input share one Hessian.
@@ -173,10 +174,7 @@ def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress
             state.save(i, layer, x)
     if plan["lm_head"] is not None:
         model.lm_head = QuantLinear.from_float(model.lm_head.weight, plan["lm_head"], "lm_head")
-    if scheme.embedding is not None:
-        model.embed_tokens = QuantEmbedding.from_float(model.embed_tokens.weight, scheme.embedding)
-    if scheme.share_embedding_output:
-        share_embedding_output(model)
+    quantize_embedding(model, scheme)
     if state:
         shutil.rmtree(state.path, ignore_errors=True)
     return model

@@ -22,6 +22,16 @@ READS_RESIDUAL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "m
 WRITES_RESIDUAL = ("self_attn.o_proj", "mlp.down_proj")
 
 
+def rotate_head_rows(w: torch.Tensor, R: torch.Tensor, D: int) -> torch.Tensor:
+    """v_proj: each head's D output rows r -> R^T @ r, so its output is v @ R."""
+    return (R.T @ w.reshape(-1, D, w.shape[1])).reshape(w.shape)
+
+
+def rotate_head_columns(w: torch.Tensor, R: torch.Tensor, D: int) -> torch.Tensor:
+    """o_proj: each head's D input columns c -> c @ R, undoing the rotation of the head's values."""
+    return (w.reshape(w.shape[0], -1, D) @ R).reshape(w.shape)
+
+
 def _set(linear: nn.Module, w: torch.Tensor):
     linear.weight = nn.Parameter(w.to(linear.weight.dtype), requires_grad=linear.weight.requires_grad)
 
@@ -92,8 +102,8 @@ def rotate(model: Transformer, R1: torch.Tensor, R2: list[torch.Tensor], r4: boo
             _set(lin, R1.T @ lin.weight.double())
         r2, D = r2.double().to(model.device), cfg.head_dim
         v, o = layer.self_attn.v_proj, layer.self_attn.o_proj
-        _set(v, (r2.T @ v.weight.double().reshape(cfg.n_kv_heads, D, -1)).reshape(v.weight.shape))
-        _set(o, (o.weight.double().reshape(cfg.dim, cfg.n_heads, D) @ r2).reshape(o.weight.shape))
+        _set(v, rotate_head_rows(v.weight.double(), r2, D))
+        _set(o, rotate_head_columns(o.weight.double(), r2, D))
         if r4:
             down = layer.mlp.down_proj
             _set(down, hadamard_transform(down.weight.double()))

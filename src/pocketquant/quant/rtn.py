@@ -34,6 +34,11 @@ def apply(model: Transformer, config: RTNConfig, progress=None) -> Transformer:
     for name, spec in (progress(plan, desc="rtn", unit="layer") if progress else plan):
         linear = model.get_submodule(name)
         set_module(model, name, QuantLinear.from_float(linear.weight, spec, name, config.search_clip))
+    return quantize_embedding(model, scheme)
+
+
+def quantize_embedding(model: Transformer, scheme: QuantScheme) -> Transformer:
+    """The embedding by RTN (and the shared table, the KV-cache precision), after the linears are done."""
     if scheme.embedding is not None:
         model.embed_tokens = QuantEmbedding.from_float(model.embed_tokens.weight, scheme.embedding)
     if scheme.share_embedding_output:

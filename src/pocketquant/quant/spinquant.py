@@ -88,10 +88,8 @@ class _Heads(nn.Module):
         self.R, self.D, self.out_side = R, D, out_side
 
     def forward(self, w):
-        R = self.R.to(w.dtype)
-        if self.out_side:
-            return (R.T @ w.reshape(-1, self.D, w.shape[1])).reshape(w.shape)
-        return (w.reshape(w.shape[0], -1, self.D) @ R).reshape(w.shape)
+        rotate = rotation.rotate_head_rows if self.out_side else rotation.rotate_head_columns
+        return rotate(w, self.R.to(w.dtype), self.D)
 
 
 class _FakeQuantWeight(nn.Module):
@@ -109,11 +107,11 @@ def learn_rotations(model: Transformer, config: SpinQuantConfig, tokens: torch.T
     is left as it was). Returns (R1, [R2 per layer], loss per step)."""
     cfg = model.config
     R1_0, R2_0 = rotation.random_rotations(model, config.seed)
+    if not config.learn:
+        return R1_0, R2_0, []
     dev = model.device
     R1 = nn.Parameter(R1_0.float().to(dev))
     R2 = [nn.Parameter(r.float().to(dev)) for r in R2_0]
-    if not config.learn:
-        return R1_0, R2_0, []
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)

@@ -23,12 +23,12 @@ class SharedActivations:
     identifies the values; holding it keeps its id from being reused meanwhile)."""
 
     def __init__(self, users: int = 1):
-        self.users, self.left, self.source, self.value = users, 0, None, None
+        self.users, self.left, self.source, self.value, self.int4_layout = users, 0, None, None, False
 
     def get(self, x: torch.Tensor, int4_layout: bool):
-        if self.source is not x or self.value[3] != int4_layout:
-            self.source, self.left = x, self.users
-            self.value = (*kernels.quantize_rows(x.reshape(-1, x.shape[-1]).float(), int4_layout), int4_layout)
+        if self.source is not x or self.int4_layout != int4_layout:
+            self.source, self.left, self.int4_layout = x, self.users, int4_layout
+            self.value = kernels.quantize_rows(x.reshape(-1, x.shape[-1]).float(), int4_layout)
         value = self.value
         self.left -= 1
         if self.left <= 0:
@@ -53,7 +53,7 @@ class FastLinear(nn.Module):
             self.wsum = group_sums(q.qweight, q.in_features, unpack=False)[:, 0].contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        acts = self.shared.get(x, int4_layout=self.bits == 4)[:3]
+        acts = self.shared.get(x, int4_layout=self.bits == 4)
         threads = torch.get_num_threads()
         if self.bits == 4:
             y = kernels.linear_w4(acts, self.qweight, self.scales, self.rowcorr, self.group, threads)
@@ -103,12 +103,10 @@ class FastDecode:
                 f = layer.get_submodule(name)
                 p.w[i], p.s[i], p.c[i], p.g[i] = (f.qweight.data_ptr(), f.scales.data_ptr(),
                                                   f.rowcorr.data_ptr(), f.group)
-        if c.hadamard_down:  # R4 (and R3) of a rotated model, applied inside the native step
-            m, self.had_down = kernels.hadamard_factor(c.ffn_dim)
-            for p in self.layers:
-                p.had_down_m, p.had_down = m, 0 if self.had_down is None else self.had_down.data_ptr()
-        for p in self.layers:
-            p.had_qk = int(c.hadamard_qk)
+        m, self.had_down = kernels.hadamard_factor(c.ffn_dim) if c.hadamard_down else (0, None)
+        for p in self.layers:  # R4 and R3 of a rotated model, applied inside the native step
+            p.had_down_m, p.had_qk = m, int(c.hadamard_qk)
+            p.had_down = 0 if self.had_down is None else self.had_down.data_ptr()
         self.inv_freq = model.inv_freq
         self.scratch = torch.empty(2 * c.head_dim + 2 * (c.n_heads + c.n_kv_heads) * c.head_dim + 3 * c.ffn_dim
                                    + c.dim + c.n_heads * c.max_seq_len, dtype=torch.float32)
