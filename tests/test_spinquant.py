@@ -57,12 +57,14 @@ def test_cayley_steps_keep_rotations_orthogonal():
     assert (R.T @ R - torch.eye(48, dtype=torch.float64)).abs().max() < 1e-12
 
 
-def test_rotation_learning_lowers_the_loss_and_leaves_the_model_as_it_was(tiny_text_dir):
+@pytest.mark.parametrize("loss", ["ce", "kl"])
+def test_rotation_learning_lowers_the_loss_and_leaves_the_model_as_it_was(tiny_text_dir, loss):
     model = rotation.fold_norms(_model(tiny_text_dir))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = spinquant.SpinQuantConfig(iterations=12, samples=1, seq_len=48, lr=1.0)
-    R1, R2, losses = spinquant.learn_rotations(model, config, TOKENS[:1])
+    config = spinquant.SpinQuantConfig(iterations=12, samples=1, seq_len=48, lr=1.0, loss=loss)
+    R1, R2, losses, held = spinquant.learn_rotations(model, config, TOKENS[:1], heldout=TOKENS[1:])
     assert len(losses) == 12 and losses[-1] < losses[0]
+    assert loss == "kl" or held[1] < held[0]  # and on a block it never saw (random tokens: CE only)
     assert (R1.T @ R1 - torch.eye(R1.shape[0], dtype=R1.dtype)).abs().max() < 1e-5
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -71,8 +73,8 @@ def test_rotation_learning_lowers_the_loss_and_leaves_the_model_as_it_was(tiny_t
 
 def test_spinquant_recipe_saves_reusable_rotations_and_runs_packed(tiny_text_dir, tmp_path):
     config = spinquant.SpinQuantConfig(iterations=3, samples=2, seq_len=48)
-    first, _ = spinquant.prepare(_model(tiny_text_dir), config, TOKENS, save_to=tmp_path / "rot.safetensors")
-    again, losses = spinquant.prepare(_model(tiny_text_dir), config, None, rotations=tmp_path / "rot.safetensors")
+    first, *_ = spinquant.prepare(_model(tiny_text_dir), config, TOKENS, save_to=tmp_path / "rot.safetensors")
+    again, losses, _ = spinquant.prepare(_model(tiny_text_dir), config, None, rotations=tmp_path / "rot.safetensors")
     assert losses == []  # nothing learned the second time
     for a, b in zip(first.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
@@ -123,7 +125,7 @@ def test_native_decode_applies_the_online_rotations(tiny_text_dir, tmp_path, kv_
     """R4 (and, with an int8 KV cache, R3) inside the one-call decode step equal the reference modules."""
     scheme = rtn.RTNConfig().scheme.replace(kv_cache_bits=kv_cache_bits)
     config = spinquant.SpinQuantConfig(scheme, learn=False)
-    model, _ = spinquant.prepare(_model(tiny_text_dir), config, None)
+    model, *_ = spinquant.prepare(_model(tiny_text_dir), config, None)
     assert model.config.hadamard_qk == (kv_cache_bits == 8)
     path = save_packed(tmp_path / "q.safetensors", rtn.apply(model, rtn.RTNConfig(scheme)), scheme,
                        [config.to_dict()])
@@ -147,7 +149,7 @@ dist.init_process_group("gloo")
 torch.set_num_threads(1)
 model = rotation.fold_norms(load_model(sys.argv[1]).model)
 tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-R1, R2, losses = spinquant.learn_rotations(model, spinquant.SpinQuantConfig(iterations=3, samples=4, seq_len=32),
+R1, R2, losses, _ = spinquant.learn_rotations(model, spinquant.SpinQuantConfig(iterations=3, samples=4, seq_len=32),
                                            tokens)
 save_file({"R1": R1, "R2": R2[1], "losses": torch.tensor(losses)}, f"{sys.argv[2]}/rank{dist.get_rank()}.safetensors")
 """

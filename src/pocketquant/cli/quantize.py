@@ -36,6 +36,10 @@ def register(p):
     s.add_argument("--spin-samples", type=int, default=40, help="calibration blocks for the search (default 40)")
     s.add_argument("--spin-len", type=int, default=256, help="tokens per search block (default 256)")
     s.add_argument("--spin-lr", type=float, default=1.5, help="Cayley SGD learning rate, cosine-decayed")
+    s.add_argument("--spin-loss", default="ce", choices=["ce", "kl"],
+                   help="search loss: next-token cross-entropy (default) or KL from the float model")
+    s.add_argument("--spin-float-weights", action="store_true",
+                   help="search with 16-bit weights, as Meta does (default: int4 weights in the loop too)")
     s.add_argument("--no-learn", action="store_true", help="random Hadamard rotations only (no search)")
     p.set_defaults(run=run)
 
@@ -49,7 +53,8 @@ def run(args) -> int:
                  calib_samples=args.calib_samples, calib_len=args.calib_len, damp=args.damp,
                  act_order=args.act_order, calib_text=args.calib_text, rotations=args.rotations, then=args.then,
                  spin={"iterations": args.spin_iterations, "samples": args.spin_samples, "seq_len": args.spin_len,
-                       "lr": args.spin_lr, "learn": not args.no_learn})
+                       "lr": args.spin_lr, "learn": not args.no_learn, "loss": args.spin_loss,
+                       "fake_quant_weights": not args.spin_float_weights})
     if r is None:  # a torchrun helper process: the first process writes the files
         return 0
     print(f"wrote {r.path} ({r.file_bytes:,} bytes)")
@@ -58,6 +63,8 @@ def run(args) -> int:
         print(f"rotation search: loss {r.rotation_losses[0]:.4f} -> {r.rotation_losses[-1]:.4f} over {n} steps "
               f"(mean of the first / last 5: {sum(r.rotation_losses[:5]) / min(5, n):.4f} / "
               f"{sum(r.rotation_losses[-5:]) / min(5, n):.4f}); rotations in {r.rotations}")
+    if r.rotation_heldout:
+        print("rotation search, held-out calibration blocks: loss {:.4f} -> {:.4f}".format(*r.rotation_heldout))
     if r.can_share and r.shared:
         print(f"embedding and output share one int8 table; separate tables would add "
               f"{r.output_table_bytes:,} bytes ({r.file_bytes + r.output_table_bytes:,} in all)")

@@ -23,6 +23,7 @@ class QuantizeResult:
     can_share: bool  # the model is tied and both are int8 per channel
     rotation_losses: list[float] = dataclasses.field(default_factory=list)  # SpinQuant's search, per step
     rotations: Path | None = None  # the learned rotations (SpinQuant)
+    rotation_heldout: tuple[float, float] | None = None  # search loss on held-out blocks, before and after
 
 
 def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: str | QuantScheme = "int4-eo8",
@@ -79,14 +80,20 @@ def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: s
 
         rank = _join_torchrun(model.device)
         config = spinquant.SpinQuantConfig(scheme, **(spin or {}))
-        tokens = None if rotations else token_blocks(calibration, config.samples, config.seq_len)
+        tokens = heldout = None
+        if not rotations:
+            tokens = token_blocks(calibration, config.samples, config.seq_len)
+            if len(calibration) >= (config.samples + 2) * config.seq_len:  # the text's last two blocks
+                heldout = token_blocks(calibration[-2 * config.seq_len:], 2, config.seq_len)
         saved = out.with_name(out.stem + ".rotations.safetensors")
-        model, losses = spinquant.prepare(model, config, tokens, show if rank == 0 else None, rotations=rotations,
-                                          save_to=None if rotations or rank else saved)
+        model, losses, held = spinquant.prepare(model, config, tokens, show if rank == 0 else None,
+                                                rotations=rotations, save_to=None if rotations or rank else saved,
+                                                heldout=heldout)
         if rank:
             return None
         recipe.append({**config.to_dict(), "rotations": str(rotations) if rotations else saved.name})
-        result_extra = {"rotation_losses": losses, "rotations": Path(rotations) if rotations else saved}
+        result_extra = {"rotation_losses": losses, "rotations": Path(rotations) if rotations else saved,
+                        "rotation_heldout": held}
     if method == "rtn" or (method == "spinquant" and then == "rtn"):
         config = rtn.RTNConfig(scheme, search_clip)
         model = rtn.apply(model, config, progress=show)

@@ -3,7 +3,9 @@ v_proj and o_proj) that make a model easy to quantize, then merge them and quant
 
 The search runs on the norm-folded float model with the rotations applied on the fly (weight
 parametrizations), R4 merged and applied online, int8 activations fake-quantized at every linear's input
-(optionally int4 weights too), and the next-token loss on calibration text. R1 and R2 stay orthogonal
+(optionally int4 weights too), and a loss on calibration text: next-token cross-entropy, or the KL
+divergence from the float model's next-token distribution ("kl", distillation; the teacher is the same
+model with quantization switched off, since the rotations do not change the float function). R1 and R2 stay orthogonal
 through Cayley SGD on the Stiefel manifold, in float64:
     W = R G^T - G R^T (skew),  R <- (I - a/2 W)^-1 (I + a/2 W) R,  a = min(lr_t, 1 / |W|_F),
 a descent step along the Riemannian gradient with a cosine-decayed learning rate. Under torchrun (an
@@ -41,12 +43,14 @@ class SpinQuantConfig:
     lr: float = 1.5
     seed: int = 0
     learn: bool = True  # False: random Hadamard rotations only (QuaRot-style)
-    fake_quant_weights: bool = False  # int4 weights in the loop too (Meta searches with 16-bit weights)
+    fake_quant_weights: bool = True  # int4 weights in the loop too (Meta searches with 16-bit weights)
+    loss: str = "ce"  # "ce": next-token cross-entropy (Meta); "kl": distill the float model's outputs
 
     def to_dict(self) -> dict:
         return {"method": "spinquant", "scheme": self.scheme.to_dict(), "iterations": self.iterations,
                 "samples": self.samples, "seq_len": self.seq_len, "batch": self.batch, "lr": self.lr,
-                "seed": self.seed, "learn": self.learn, "fake_quant_weights": self.fake_quant_weights}
+                "seed": self.seed, "learn": self.learn, "fake_quant_weights": self.fake_quant_weights,
+                "loss": self.loss}
 
 
 def cayley_step(R: torch.Tensor, G: torch.Tensor, lr: float) -> torch.Tensor:
@@ -93,29 +97,50 @@ class _Heads(nn.Module):
 
 
 class _FakeQuantWeight(nn.Module):
-    def __init__(self, spec):
+    def __init__(self, spec, on):
         super().__init__()
-        self.spec = spec
+        self.spec, self.on = spec, on
 
     def forward(self, w):
-        return fake_quant_weight(w, self.spec).to(w.dtype)
+        return fake_quant_weight(w, self.spec).to(w.dtype) if self.on[0] else w
+
+
+def _loss(model, batch, kind: str, quant_on: list) -> torch.Tensor:
+    """The search loss of one batch of blocks; `quant_on[0]` switches the fake quantization."""
+    logits = model(batch[:, :-1]).float()
+    if kind == "ce":
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    quant_on[0], kv = False, model.kv_cache_bits
+    model.set_kv_cache_bits(None)
+    try:
+        with torch.no_grad(), parametrize.cached():
+            teacher = F.log_softmax(model(batch[:, :-1]).float(), -1)
+    finally:
+        quant_on[0] = True
+        model.set_kv_cache_bits(kv)
+    student = F.log_softmax(logits, -1)
+    return F.kl_div(student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1]),
+                    log_target=True, reduction="batchmean")
 
 
 def learn_rotations(model: Transformer, config: SpinQuantConfig, tokens: torch.Tensor, progress=None,
-                    log=None) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+                    log=None, heldout: torch.Tensor | None = None):
     """Learn R1 and the R2s on a norm-folded float model whose down_proj already carries R4 (the model
-    is left as it was). Returns (R1, [R2 per layer], loss per step)."""
+    is left as it was). Returns (R1, [R2 per layer], loss per step, (before, after)): the last is the mean
+    loss on the `heldout` blocks before the first and after the last step (None without them)."""
+    if config.loss not in ("ce", "kl"):
+        raise PocketQuantError(f"unknown SpinQuant loss {config.loss!r}; use ce or kl")
     cfg = model.config
     R1_0, R2_0 = rotation.random_rotations(model, config.seed)
     if not config.learn:
-        return R1_0, R2_0, []
+        return R1_0, R2_0, [], None
     dev = model.device
     R1 = nn.Parameter(R1_0.float().to(dev))
     R2 = [nn.Parameter(r.float().to(dev)) for r in R2_0]
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    scheme, hooks, registered = config.scheme, [], []
+    scheme, hooks, registered, on = config.scheme, [], [], [True]
 
     def reg(module, param_name, p):
         parametrize.register_parametrization(module, param_name, p)
@@ -139,22 +164,28 @@ def learn_rotations(model: Transformer, config: SpinQuantConfig, tokens: torch.T
             continue
         if spec.act is not None:
             hooks.append(lin.register_forward_pre_hook(
-                lambda m, args, a=spec.act: (fake_quant_per_token(args[0], a).to(args[0].dtype),)))
+                lambda m, args, a=spec.act: (fake_quant_per_token(args[0], a).to(args[0].dtype),) if on[0] else None))
         if config.fake_quant_weights:
-            reg(lin, "weight", _FakeQuantWeight(spec.weight))
+            reg(lin, "weight", _FakeQuantWeight(spec.weight, on))
     kv_before = model.kv_cache_bits
     model.set_kv_cache_bits(scheme.kv_cache_bits)
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     losses = []
+
+    def heldout_loss():
+        with torch.no_grad():
+            return sum(_loss(model, heldout[i:i + 1].to(dev), config.loss, on).item()
+                       for i in range(len(heldout))) / len(heldout)
+
     try:
+        before = heldout_loss() if heldout is not None else None
         steps = range(config.iterations)
         for step in (progress(steps, desc="spinquant", unit="step") if progress and rank == 0 else steps):
             first = ((step * world + rank) * config.batch) % tokens.shape[0]
             batch = tokens[first:first + config.batch].to(dev)
-            logits = model(batch[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+            loss = _loss(model, batch, config.loss, on)
             loss.backward()
             lr = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.iterations))
             with torch.no_grad():
@@ -167,6 +198,7 @@ def learn_rotations(model: Transformer, config: SpinQuantConfig, tokens: torch.T
             losses.append(loss.item())
             if log:
                 log(step, loss.item())
+        after = heldout_loss() if heldout is not None else None
     finally:
         for h in hooks:
             h.remove()
@@ -176,7 +208,8 @@ def learn_rotations(model: Transformer, config: SpinQuantConfig, tokens: torch.T
         for n, p in model.named_parameters():
             p.requires_grad_(requires.get(n, False))
         model.set_kv_cache_bits(kv_before)
-    return R1.detach().double().cpu(), [r.detach().double().cpu() for r in R2], losses
+    return (R1.detach().double().cpu(), [r.detach().double().cpu() for r in R2], losses,
+            None if heldout is None else (before, after))
 
 
 def save_rotations(path: str | Path, R1: torch.Tensor, R2: list[torch.Tensor], config: SpinQuantConfig):
@@ -200,13 +233,15 @@ def load_rotations(path: str | Path, model: Transformer) -> tuple[torch.Tensor, 
 
 
 def prepare(model: Transformer, config: SpinQuantConfig, tokens: torch.Tensor | None, progress=None,
-            rotations: str | Path | None = None, save_to: str | Path | None = None, log=None):
+            rotations: str | Path | None = None, save_to: str | Path | None = None, log=None,
+            heldout: torch.Tensor | None = None):
     """The whole offline part: fold norms, merge R4, learn (or load) R1/R2, merge them. Returns the
-    rotated float model (quantize it next) and the loss curve of the search."""
+    rotated float model (quantize it next), the loss curve of the search and its held-out loss before
+    and after (see learn_rotations)."""
     r3 = config.scheme.kv_cache_bits == 8
     rotation.check_rotatable(model, r3)
     rotation.fold_norms(model)
-    losses = []
+    losses, held = [], None
     if rotations:
         R1, R2 = load_rotations(rotations, model)
     else:
@@ -217,7 +252,7 @@ def prepare(model: Transformer, config: SpinQuantConfig, tokens: torch.Tensor | 
                 d.weight.copy_(hadamard_transform(d.weight.double()).to(d.weight.dtype))
         model.set_online_hadamards(down=True, qk=r3)
         try:
-            R1, R2, losses = learn_rotations(model, config, tokens, progress, log)
+            R1, R2, losses, held = learn_rotations(model, config, tokens, progress, log, heldout)
         finally:  # back to the folded model: rotate() merges every rotation at once
             with torch.no_grad():
                 for d, w in zip(downs, originals):
@@ -226,4 +261,4 @@ def prepare(model: Transformer, config: SpinQuantConfig, tokens: torch.Tensor | 
     if save_to:
         save_rotations(save_to, R1, R2, config)
     rotation.rotate(model, R1, R2, r4=True, r3=r3)
-    return model, losses
+    return model, losses, held
