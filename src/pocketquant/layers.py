@@ -6,6 +6,7 @@ weights, multiply in float32. Fast kernels and fake-quant training must agree wi
 from __future__ import annotations
 
 import fnmatch
+import math
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ class QuantLinear(nn.Module):
         else:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=getattr(torch, w.scale_dtype)))
+        self.lora: LoRA | None = None  # a 16-bit adapter added to the output (QAT + LoRA)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, spec: LinearSpec, name: str = "weight",
@@ -60,7 +62,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = fake_quant_per_token(x, self.spec.act) if self.spec.act else x.float()
-        return F.linear(xf, self._weight_for_inference()).to(x.dtype)
+        return with_lora(self, x, F.linear(xf, self._weight_for_inference()).to(x.dtype))
 
     def _weight_for_inference(self) -> torch.Tensor:
         # The integer weights never change after packing, so the dequantized copy is kept once computed
@@ -106,10 +108,41 @@ class FakeQuantLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, spec: LinearSpec):
         super().__init__(in_features, out_features, bias=False)
         self.spec = spec
+        self.lora: LoRA | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = fake_quant_per_token(x, self.spec.act) if self.spec.act else x.float()
-        return F.linear(xf, fake_quant_weight(self.weight, self.spec.weight)).to(x.dtype)
+        return with_lora(self, x, F.linear(xf, fake_quant_weight(self.weight, self.spec.weight)).to(x.dtype))
+
+
+class LoRA(nn.Module):
+    """A low-rank adapter beside a quantized linear: scale * B(A(x)), computed in `dtype` (Meta's QLoRA
+    checkpoints: rank 16, scale 2.0, bf16). B starts at zero, so a new adapter changes nothing. Its
+    parameters may be kept in float32 while training; the forward always rounds them to `dtype`, so the
+    trained and the saved adapter compute the same numbers."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 16, scale: float = 2.0,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.rank, self.scale, self.dtype = rank, scale, dtype
+        self.A = nn.Linear(in_features, rank, bias=False)
+        self.B = nn.Linear(rank, out_features, bias=False)
+        if self.A.weight.device.type != "meta":
+            nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(F.linear(x.to(self.dtype), self.A.weight.to(self.dtype)), self.B.weight.to(self.dtype))
+        return (h * self.scale).to(x.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A in float32: the adapter as a change of the base weight (for merging)."""
+        return self.scale * (self.B.weight.to(self.dtype).float() @ self.A.weight.to(self.dtype).float())
+
+
+def with_lora(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    lora = getattr(module, "lora", None)
+    return y if lora is None else y + lora(x)
 
 
 class FakeQuantEmbedding(nn.Embedding):

@@ -158,6 +158,7 @@ class Transformer(nn.Module):
         # A runtime may install a native one-token step through every layer: fused_decode(x, caches,
         # start_pos) -> x, or None where it does not apply.
         self.fused_decode = None
+        self.gradient_checkpointing = False  # training: recompute each layer in the backward pass
 
     def set_online_hadamards(self, down: bool, qk: bool):
         """Turn on R4 (down_proj input) / R3 (queries and keys) for a model whose weights were rotated to match."""
@@ -212,7 +213,12 @@ class Transformer(nn.Module):
             cos, sin = self.rope(start_pos, T, x.dtype)
             mask = self.attention_mask(start_pos, T, caches is not None, x.device)
             for i, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, mask, None if caches is None else caches[i], start_pos)
+                cache = None if caches is None else caches[i]
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, start_pos,
+                                                          use_reentrant=False)
+                else:
+                    x = layer(x, cos, sin, mask, cache, start_pos)
         return self.lm_head(self.norm(x[:, -1:] if last_only else x))
 
     @staticmethod

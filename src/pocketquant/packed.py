@@ -25,6 +25,7 @@ class PackedHeader:
     recipe: list[dict]
     tokenizer: dict | None
     version: str
+    lora: dict | None = None  # {"rank", "scale", "dtype"} of the LoRA adapters the file holds
 
 
 def is_packed(path: Path) -> bool:
@@ -58,7 +59,8 @@ def read_header(path: Path) -> PackedHeader:
     try:
         return PackedHeader(ModelConfig.from_json(meta["config"]), QuantScheme.from_json(meta["scheme"]),
                             json.loads(meta["recipe"]),
-                            json.loads(meta["tokenizer"]) if meta.get("tokenizer") else None, version)
+                            json.loads(meta["tokenizer"]) if meta.get("tokenizer") else None, version,
+                            json.loads(meta["lora"]) if meta.get("lora") else None)
     except (KeyError, json.JSONDecodeError) as e:
         raise PocketQuantError(f"{path}: damaged packed header ({e!r})") from e
 
@@ -79,6 +81,12 @@ def save_packed(path: Path, model, scheme: QuantScheme, recipe: list[dict], toke
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_json(),
                 "scheme": scheme.to_json(), "recipe": json.dumps(recipe),
                 "tokenizer": json.dumps(tokenizer.to_spec()) if tokenizer is not None else ""}
+    adapters = [m.lora for m in model.modules() if getattr(m, "lora", None) is not None]
+    if adapters:
+        a = adapters[0]
+        metadata["lora"] = json.dumps({"rank": a.rank, "scale": a.scale, "dtype": str(a.dtype).split(".")[1]})
+        for m in adapters:  # stored in the adapter's own precision
+            m.to(a.dtype)
     tensors = packed_tensors(model)
     atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
     return path
@@ -136,7 +144,7 @@ def load_packed(path: Path, dtype: torch.dtype = torch.float32):
     from safetensors import SafetensorError, safe_open
 
     from pocketquant.checkpoints.common import fill_model
-    from pocketquant.layers import quantized_skeleton
+    from pocketquant.layers import LoRA, quantized_skeleton
     from pocketquant.model import Transformer
     from pocketquant.tokenizer import Tokenizer
 
@@ -146,6 +154,13 @@ def load_packed(path: Path, dtype: torch.dtype = torch.float32):
     try:
         handle = safe_open(str(path), framework="pt")
         tensors = {k: (lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
+        if header.lora:
+            with torch.device("meta"):
+                for key in tensors:
+                    if key.endswith(".lora.A.weight"):
+                        base = model.get_submodule(key[: -len(".lora.A.weight")])
+                        base.lora = LoRA(base.in_features, base.out_features, header.lora["rank"],
+                                         header.lora["scale"], getattr(torch, header.lora["dtype"]))
         model = fill_model(model, tensors, dtype, str(path))
     except SafetensorError as e:
         raise PocketQuantError(f"{path}: damaged tensor data: {e}") from e

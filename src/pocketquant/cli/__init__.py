@@ -11,6 +11,7 @@ from pocketquant.errors import PocketQuantError
 
 VERBS = {
     "quantize": "quantize a float model into a packed file",
+    "train": "quantization-aware training and LoRA adapters, then a packed file",
     "inspect": "show what a packed file holds and where its bytes go",
     "eval": "perplexity, KL-divergence and task accuracy, side by side",
     "bench": "size, memory and speed side by side with the float model and llama.cpp",

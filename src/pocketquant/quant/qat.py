@@ -1,5 +1,5 @@
 """Quantization-aware model preparation: swap modules for fake-quantized twins (`prepare`), and turn
-them into the packed modules the runtime uses (`convert`)."""
+them into the packed modules the runtime uses (`convert`). Training is in `quant/train.py`."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ def convert(model: Transformer, scheme: QuantScheme) -> Transformer:
     """Replace fake-quant modules by packed ones holding the same integers and scales."""
     for name, module in list(model.named_modules()):
         if isinstance(module, FakeQuantLinear):
-            set_module(model, name, QuantLinear.from_float(module.weight, module.spec, name))
+            packed = QuantLinear.from_float(module.weight, module.spec, name)
+            packed.lora = module.lora  # an adapter stays beside its linear, in its own precision
+            set_module(model, name, packed)
         elif isinstance(module, FakeQuantEmbedding):
             model.embed_tokens = QuantEmbedding.from_float(module.weight, module.spec)
     if scheme.share_embedding_output:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pocketquant.layers import QuantLinear, set_module
+from pocketquant.layers import QuantLinear, set_module, with_lora
 from pocketquant.packing import unpack_int4
 from pocketquant.runtime import kernels
 
@@ -43,7 +43,7 @@ class FastLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.spec, self.shared = q.in_features, q.out_features, q.spec, shared
         self.bits, self.group = q.spec.weight.bits, q.spec.weight.group_for(q.in_features)
-        self.qweight = q.qweight
+        self.qweight, self.lora = q.qweight, q.lora
         if self.bits == 4:
             self.scales = q.scales.view(torch.int16)  # float16 bits, read as such by the kernel
             sums = group_sums(q.qweight, self.group, unpack=True)
@@ -60,7 +60,7 @@ class FastLinear(nn.Module):
         else:
             y = kernels.linear_w8(acts, self.qweight, self.scales, self.wsum, threads)
         y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return with_lora(self, x, y if x.dtype == torch.float32 else y.to(x.dtype))
 
 
 def group_sums(qweight: torch.Tensor, group: int, unpack: bool, rows: int = 256) -> torch.Tensor:
@@ -135,7 +135,8 @@ class FastDecode:
 
 def use_fast_kernels(model: nn.Module) -> nn.Module:
     """Replace every QuantLinear the kernels cover (the rest keep the reference forward); when every
-    block projection is int4 on the kernels, one-token steps run natively through all layers."""
+    block projection is int4 on the kernels (and none has a LoRA adapter), one-token steps run natively
+    through all layers."""
     for layer in model.layers:
         shared = {"self_attn.q_proj": "in", "self_attn.k_proj": "in", "self_attn.v_proj": "in",
                   "mlp.gate_proj": "post", "mlp.up_proj": "post"}
@@ -144,7 +145,7 @@ def use_fast_kernels(model: nn.Module) -> nn.Module:
             q = layer.get_submodule(name)
             if runs_fast(q):
                 set_module(layer, name, FastLinear(q, caches.get(shared.get(name), SharedActivations())))
-    if all(isinstance(f, FastLinear) and f.bits == 4
+    if all(isinstance(f, FastLinear) and f.bits == 4 and f.lora is None
            for layer in model.layers for f in map(layer.get_submodule, PROJECTIONS)):
         model.fused_decode = FastDecode(model)
     if runs_fast(model.lm_head):

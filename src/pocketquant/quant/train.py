@@ -1,0 +1,236 @@
+"""Quantization-aware training (QAT) and LoRA adapters on the fake-quantized model (`pocketquant train`).
+
+Two phases, as in Meta's recipe: "qat" trains every weight of the fake-quantized model (int4/int8
+numerics of the scheme in the forward, straight-through gradients); "lora" freezes that backbone and
+trains low-rank adapters beside the block linears. Either may run alone. The loss mixes the KL
+divergence from the float model's next-token distribution (`distill`; the teacher is the original float
+model) with the next-token cross-entropy on the target tokens. AdamW, linear warmup then cosine decay
+per phase, gradient accumulation, gradient clipping at 1, optional gradient checkpointing.
+
+Every `checkpoint_every` steps the whole state (weights, adapters, optimizer, loss curve) is written to
+STATE_DIR/state.pt, from which the same run resumes. The examples of a step are fixed by the step number,
+so a resumed run computes what an uninterrupted one would. Under torchrun, DDP averages the gradients and
+each process reads its own examples."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pocketquant.errors import PocketQuantError
+from pocketquant.model import Transformer
+from pocketquant.packed import atomic_write
+from pocketquant.quant import qat
+from pocketquant.quant.lora import add_lora, lora_parameters
+from pocketquant.scheme import PRESETS, QuantScheme
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    scheme: QuantScheme = field(default_factory=lambda: PRESETS["int4-eo8"])
+    qat: bool = True  # phase 1: train the whole fake-quantized model
+    lora: bool = False  # phase 2: adapters on the frozen fake-quantized model
+    steps: int = 200  # optimizer steps of the QAT phase
+    lora_steps: int = 100  # optimizer steps of the LoRA phase
+    seq_len: int = 512
+    batch: int = 1  # sequences per forward
+    grad_accum: int = 4  # forwards per optimizer step (per process)
+    lr: float = 2e-5
+    lora_lr: float = 2e-4
+    warmup: int = 10  # steps of linear warmup, per phase
+    weight_decay: float = 0.0
+    distill: float = 1.0  # loss = distill * KL(float || quantized) + (1 - distill) * cross-entropy
+    rank: int = 16
+    lora_scale: float = 2.0
+    targets: tuple[str, ...] = ("*",)  # block linears that get adapters
+    grad_checkpointing: bool = False
+    checkpoint_every: int = 25
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (self.qat or self.lora):
+            raise PocketQuantError("nothing to train: choose QAT, LoRA or both")
+        if not 0.0 <= self.distill <= 1.0:
+            raise PocketQuantError(f"distill is a weight in [0, 1], got {self.distill}")
+        for name in ("steps", "lora_steps", "seq_len", "batch", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise PocketQuantError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    def phases(self) -> list[tuple[str, int, float]]:
+        """(name, steps, peak learning rate) of each phase, in order."""
+        return [p for p, on in ((("qat", self.steps, self.lr), self.qat),
+                                (("lora", self.lora_steps, self.lora_lr), self.lora)) if on]
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "scheme"}
+        return {"method": "qat+lora" if self.qat and self.lora else "qat" if self.qat else "lora",
+                "scheme": self.scheme.to_dict(), **d, "targets": list(self.targets)}
+
+
+def learning_rate(peak: float, step: int, steps: int, warmup: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to zero at `steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def loss_of(model, teacher, ids: torch.Tensor, mask: torch.Tensor, distill: float) -> torch.Tensor:
+    """The training loss of one batch: targets are ids[:, 1:] where mask[:, 1:]."""
+    logits = model(ids[:, :-1])
+    m = mask[:, 1:]
+    if not m.any():
+        return logits.sum() * 0.0
+    student = logits[m].float()
+    loss = 0.0
+    if distill < 1:
+        loss = (1 - distill) * F.cross_entropy(student, ids[:, 1:][m])
+    if distill > 0:
+        with torch.no_grad():
+            target = F.log_softmax(teacher(ids[:, :-1])[m].float(), -1)
+        loss = loss + distill * F.kl_div(F.log_softmax(student, -1), target, log_target=True, reduction="batchmean")
+    return loss
+
+
+def train(model: Transformer, teacher: Transformer | None, config: TrainConfig, ids: torch.Tensor,
+          mask: torch.Tensor, state_dir: str | Path | None = None, progress=None) -> tuple[Transformer, list[float]]:
+    """Fake-quantize `model` (float) and train it as `config` says; returns it (still fake-quantized,
+    with its adapters; `qat.convert` packs it) and the loss of every optimizer step, phase after phase."""
+    if config.distill > 0 and teacher is None:
+        raise PocketQuantError("distillation needs the float model as teacher")
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    dev = model.device
+    qat.prepare(model, config.scheme)
+    if config.lora:
+        add_lora(model, config.rank, config.lora_scale, config.targets, seed=config.seed)
+    model.gradient_checkpointing = config.grad_checkpointing
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    state_file = Path(state_dir) / "state.pt" if state_dir else None
+    data_id = hashlib.sha256(ids.numpy().tobytes() + mask.numpy().tobytes()).hexdigest()[:16]
+    state = _load_state(state_file, config, data_id)
+    if state:
+        model.load_state_dict(state["model"])
+    losses = state["losses"] if state else []
+    per_step = config.batch * config.grad_accum * world
+    adapters = set(lora_parameters(model))
+    for index, (phase, steps, peak) in enumerate(config.phases()):
+        if state and (state["phase"], state["step"]) >= (index, steps):
+            continue  # finished before the interruption
+        for p in model.parameters():
+            p.requires_grad_((p in adapters) == (phase == "lora"))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+        start = 0
+        if state and state["phase"] == index:
+            optimizer.load_state_dict(state["optimizer"])
+            start = state["step"]
+        net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        model.train()
+        steps_iter = range(start, steps)
+        if progress and rank == 0:
+            steps_iter = progress(steps_iter, desc=phase, unit="step", initial=start, total=steps)
+        for step in steps_iter:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(peak, step, steps, config.warmup)
+            total = 0.0
+            for micro in range(config.grad_accum):
+                first = ((step * config.grad_accum + micro) * world + rank) * config.batch % len(ids)
+                rows = torch.arange(first, first + config.batch) % len(ids)
+                loss = loss_of(net, teacher, ids[rows].to(dev), mask[rows].to(dev), config.distill)
+                (loss / config.grad_accum).backward()
+                total += loss.item() / config.grad_accum
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+            if hasattr(steps_iter, "set_postfix"):
+                steps_iter.set_postfix(loss=f"{total:.4f}", tokens=f"{(step + 1) * per_step * config.seq_len:,}")
+            if state_file and rank == 0 and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
+                _save_state(state_file, config, data_id, index, step + 1, model, optimizer, losses)
+        model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.gradient_checkpointing = False
+    return model, losses
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    file_bytes: int
+    losses: list[float]  # per optimizer step, phase after phase
+    examples: int  # training sequences available
+    tokens: int  # tokens the optimizer steps read (all processes)
+
+
+def train_model(source: str | Path, out: str | Path, config: TrainConfig = TrainConfig(),
+                data: str | Path | None = None, merge_lora: bool = False, progress=True) -> TrainResult | None:
+    """Load the float model `source`, train as `config` says on `data` (plain text or chat .jsonl; default:
+    the shipped calibration text), and write the packed file `out` (adapters kept beside their linears,
+    or with `merge_lora` folded into the weights before quantizing). The state is checkpointed in
+    OUT.train-state/ (removed once the file is written); a rerun of the same command resumes from it.
+    Under torchrun the first process writes the file and the others return None."""
+    import shutil
+
+    from pocketquant.checkpoints import load_model
+    from pocketquant.data import training_examples
+    from pocketquant.layers import check_plan
+    from pocketquant.packed import save_packed
+    from pocketquant.progress import bar
+    from pocketquant.quant.lora import merge_lora as merge
+    from pocketquant.quant.recipe import _join_torchrun
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise PocketQuantError(f"the output file must end in .safetensors, got {out.name}")
+    if merge_lora and not config.lora:
+        raise PocketQuantError("merging LoRA adapters needs LoRA training")
+    loaded = load_model(source, torch.float32)
+    check_plan(loaded.model, config.scheme)  # refuse before any work
+    if loaded.tokenizer is None:
+        raise PocketQuantError(f"{source} has no tokenizer: training needs text")
+    ids, mask = training_examples(loaded.tokenizer, data, config.seq_len)
+    rank = _join_torchrun(loaded.model.device)
+    teacher = load_model(source, torch.float32).model if config.distill > 0 else None
+    state_dir = out.with_name(out.name + ".train-state")
+    model, losses = train(loaded.model, teacher, config, ids, mask, state_dir, bar if progress else None)
+    if rank:
+        return None
+    if merge_lora:
+        merge(model)
+    qat.convert(model, config.scheme)
+    recipe = [{**config.to_dict(), "data": str(data) if data else "shipped calibration text",
+               "lora_merged": merge_lora}]
+    save_packed(out, model, config.scheme, recipe, loaded.tokenizer)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    tokens = len(losses) * config.batch * config.grad_accum * world * config.seq_len
+    return TrainResult(out, out.stat().st_size, losses, len(ids), tokens)
+
+
+def _run_id(config: TrainConfig, data_id: str) -> str:
+    return json.dumps({**config.to_dict(), "data": data_id}, sort_keys=True)
+
+
+def _save_state(path: Path, config: TrainConfig, data_id: str, phase: int, step: int, model, optimizer, losses):
+    state = {"run": _run_id(config, data_id), "phase": phase, "step": step,
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "losses": list(losses)}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _load_state(path: Path | None, config: TrainConfig, data_id: str) -> dict | None:
+    if path is None or not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("run") != _run_id(config, data_id):
+        raise PocketQuantError(f"{path} holds the state of a different training run (other settings or data); "
+                               f"delete {path.parent} to start over")
+    return state
