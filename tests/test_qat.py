@@ -169,8 +169,8 @@ def test_training_under_torchrun_keeps_processes_in_step(tiny_text_dir, tmp_path
 
     script = tmp_path / "run.py"
     script.write_text(TORCHRUN_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29517", str(script), str(tiny_text_dir[0]), str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tiny_text_dir[0]), str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))

@@ -36,13 +36,13 @@ class TrainConfig:
     scheme: QuantScheme = field(default_factory=lambda: PRESETS["int4-eo8"])
     qat: bool = True  # phase 1: train the whole fake-quantized model
     lora: bool = False  # phase 2: adapters on the frozen fake-quantized model
-    steps: int = 200  # optimizer steps of the QAT phase
-    lora_steps: int = 100  # optimizer steps of the LoRA phase
+    steps: int = 120  # optimizer steps of the QAT phase
+    lora_steps: int = 30  # optimizer steps of the LoRA phase
     seq_len: int = 512
     batch: int = 1  # sequences per forward
-    grad_accum: int = 4  # forwards per optimizer step (per process)
-    lr: float = 2e-5
-    lora_lr: float = 2e-4
+    grad_accum: int = 2  # forwards per optimizer step (per process)
+    lr: float = 5e-5
+    lora_lr: float = 1e-4
     warmup: int = 10  # steps of linear warmup, per phase
     weight_decay: float = 0.0
     distill: float = 1.0  # loss = distill * KL(float || quantized) + (1 - distill) * cross-entropy
