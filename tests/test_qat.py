@@ -159,8 +159,8 @@ mask = torch.ones_like(ids, dtype=torch.bool)
 config = TrainConfig(PRESETS["int4-eo8"], qat=True, lora=True, steps=2, lora_steps=2, grad_accum=1, lr=1e-3,
                      lora_lr=1e-2, warmup=1, rank=4, distill=0.5)
 model, losses = train(load_model(sys.argv[1]).model, load_model(sys.argv[1]).model, config, ids, mask)
-save_file({k: v.contiguous() for k, v in model.state_dict().items() if "lm_head" not in k} | {"losses": torch.tensor(losses)},
-          f"{sys.argv[2]}/rank{dist.get_rank()}.safetensors")
+state = {k: v.contiguous() for k, v in model.state_dict().items() if "lm_head" not in k}
+save_file(state | {"losses": torch.tensor(losses)}, f"{sys.argv[2]}/rank{dist.get_rank()}.safetensors")
 """
 
 

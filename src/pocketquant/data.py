@@ -41,7 +41,6 @@ def token_blocks(tokens: list[int], n: int, length: int) -> "torch.Tensor":
     return torch.tensor(tokens[: n * length]).reshape(n, length)
 
 
-
 def training_examples(tokenizer, path: str | Path | None, seq_len: int):
     """Training sequences from `path` (default: the shipped calibration text) -> (ids [N, seq_len],
     mask [N, seq_len]); mask[i, t] says whether token t is a target of the loss.

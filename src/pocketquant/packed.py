@@ -85,9 +85,9 @@ def save_packed(path: Path, model, scheme: QuantScheme, recipe: list[dict], toke
     if adapters:
         a = adapters[0]
         metadata["lora"] = json.dumps({"rank": a.rank, "scale": a.scale, "dtype": str(a.dtype).split(".")[1]})
-        for m in adapters:  # stored in the adapter's own precision
-            m.to(a.dtype)
     tensors = packed_tensors(model)
+    if adapters:  # stored in the adapters' own precision, which their forward rounds to anyway
+        tensors = {k: v.to(adapters[0].dtype) if ".lora." in k else v for k, v in tensors.items()}
     atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
     return path
 

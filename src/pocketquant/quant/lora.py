@@ -14,8 +14,9 @@ from pocketquant.layers import BLOCK_LINEARS, FakeQuantLinear, LoRA
 def add_lora(model: nn.Module, rank: int = 16, scale: float = 2.0, targets: tuple[str, ...] = ("*",),
              dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> list[str]:
     """Give every block linear matching one of `targets` (fnmatch patterns on the full name, e.g.
-    'layers.0.mlp.down_proj', on its name in the layer, e.g. 'mlp.*', or on its last part, e.g. 'q_proj') a new adapter (float32 parameters,
-    computed in `dtype`); returns the names. B starts at zero, so the model's function is unchanged."""
+    'layers.0.mlp.down_proj', on its name in the layer, e.g. 'mlp.*', or on its last part, e.g. 'q_proj')
+    a new adapter (float32 parameters, computed in `dtype`); returns the names. B starts at zero, so the
+    model's function is unchanged."""
     if rank < 1:
         raise PocketQuantError(f"LoRA rank must be at least 1, got {rank}")
     names = [f"layers.{i}.{s}" for i in range(len(model.layers)) for s in BLOCK_LINEARS]

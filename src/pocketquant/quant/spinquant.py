@@ -5,8 +5,8 @@ The search runs on the norm-folded float model with the rotations applied on the
 parametrizations), R4 merged and applied online, int8 activations fake-quantized at every linear's input
 (optionally int4 weights too), and a loss on calibration text: next-token cross-entropy, or the KL
 divergence from the float model's next-token distribution ("kl", distillation; the teacher is the same
-model with quantization switched off, since the rotations do not change the float function). R1 and R2 stay orthogonal
-through Cayley SGD on the Stiefel manifold, in float64:
+model with quantization switched off, since the rotations do not change the float function). R1 and R2
+stay orthogonal through Cayley SGD on the Stiefel manifold, in float64:
     W = R G^T - G R^T (skew),  R <- (I - a/2 W)^-1 (I + a/2 W) R,  a = min(lr_t, 1 / |W|_F),
 a descent step along the Riemannian gradient with a cosine-decayed learning rate. Under torchrun (an
 initialized torch.distributed group) each process takes its own calibration blocks and the gradients
@@ -30,6 +30,7 @@ from pocketquant.model import Transformer
 from pocketquant.numerics import fake_quant_per_token, fake_quant_weight
 from pocketquant.packed import atomic_write
 from pocketquant.quant import rotation
+from pocketquant.quant.train import distillation_kl
 from pocketquant.scheme import PRESETS, QuantScheme
 
 
@@ -114,13 +115,11 @@ def _loss(model, batch, kind: str, quant_on: list) -> torch.Tensor:
     model.set_kv_cache_bits(None)
     try:
         with torch.no_grad(), parametrize.cached():
-            teacher = F.log_softmax(model(batch[:, :-1]).float(), -1)
+            teacher = model(batch[:, :-1])
     finally:
         quant_on[0] = True
         model.set_kv_cache_bits(kv)
-    student = F.log_softmax(logits, -1)
-    return F.kl_div(student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1]),
-                    log_target=True, reduction="batchmean")
+    return distillation_kl(logits, teacher)
 
 
 def learn_rotations(model: Transformer, config: SpinQuantConfig, tokens: torch.Tensor, progress=None,
@@ -162,9 +161,10 @@ def learn_rotations(model: Transformer, config: SpinQuantConfig, tokens: torch.T
         spec = scheme.spec_for(name) if name != "lm_head" else scheme.output
         if spec is None:
             continue
-        if spec.act is not None:
+        if spec.act is not None:  # returning None leaves the input as it is (quantization switched off)
             hooks.append(lin.register_forward_pre_hook(
-                lambda m, args, a=spec.act: (fake_quant_per_token(args[0], a).to(args[0].dtype),) if on[0] else None))
+                lambda m, args, a=spec.act: (fake_quant_per_token(args[0], a).to(args[0].dtype),) if on[0]
+                else None))
         if config.fake_quant_weights:
             reg(lin, "weight", _FakeQuantWeight(spec.weight, on))
     kv_before = model.kv_cache_bits

@@ -80,6 +80,13 @@ def learning_rate(peak: float, step: int, steps: int, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), from logits [..., V] (the teacher's carry no gradient)."""
+    student = F.log_softmax(student_logits.float(), -1).reshape(-1, student_logits.shape[-1])
+    teacher = F.log_softmax(teacher_logits.detach().float(), -1).reshape(-1, teacher_logits.shape[-1])
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
 def loss_of(model, teacher, ids: torch.Tensor, mask: torch.Tensor, distill: float) -> torch.Tensor:
     """The training loss of one batch: targets are ids[:, 1:] where mask[:, 1:]."""
     logits = model(ids[:, :-1])
@@ -92,8 +99,8 @@ def loss_of(model, teacher, ids: torch.Tensor, mask: torch.Tensor, distill: floa
         loss = (1 - distill) * F.cross_entropy(student, ids[:, 1:][m])
     if distill > 0:
         with torch.no_grad():
-            target = F.log_softmax(teacher(ids[:, :-1])[m].float(), -1)
-        loss = loss + distill * F.kl_div(F.log_softmax(student, -1), target, log_target=True, reduction="batchmean")
+            target = teacher(ids[:, :-1])[m]
+        loss = loss + distill * distillation_kl(student, target)
     return loss
 
 
