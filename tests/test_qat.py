@@ -67,6 +67,17 @@ def test_prepared_forward_equals_converted_and_packed_forward(tiny_text_dir, tmp
                 torch.testing.assert_close(step[0, 0], out[0, 20], atol=1e-4 * fake.abs().max().item(), rtol=0)
 
 
+def test_a_dequantized_model_fake_quantizes_back_to_the_same_function(tiny_text_dir):
+    """The GPTQ starting point of training: packed integers as float weights, which prepare's fake
+    quantization maps back onto the same integers (the signed-max scale is recovered exactly)."""
+    packed = qat.convert(qat.prepare(_model(tiny_text_dir), SCHEME), SCHEME)
+    with torch.no_grad():
+        expected = packed(TOKENS)
+        again = qat.prepare(qat.dequantize(packed), SCHEME)
+        assert isinstance(again.layers[1].self_attn.o_proj, FakeQuantLinear)
+        torch.testing.assert_close(again(TOKENS), expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
+
+
 def _assert_close_positions(out, ref, exact: bool):
     """Logits agree at every position (reference runtime), or at 95% of them (fast kernels: their float
     sums differ from the reference by ~1e-6, which now and then flips one int8 activation code or one
@@ -216,6 +227,13 @@ def test_cli_train_writes_a_packed_file_with_adapters(tiny_text_dir, tmp_path):
     header = read_header(out)
     assert header.lora == {"rank": 4, "scale": 2.0, "dtype": "bfloat16"}
     assert header.recipe[0]["method"] == "qat+lora" and header.recipe[0]["steps"] == 3
+    assert header.recipe[0]["rotations"] == "hadamard" and header.recipe[0]["init"] == "gptq"
+    assert header.config.hadamard_down and not header.config.tie_embeddings  # rotated: R4 online, norms folded
+    plain = tmp_path / "plain.safetensors"
+    proc = subprocess.run(run + ["--qat", "--rotations", "none", "--init", "float", "-o", str(plain)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert not read_header(plain).config.hadamard_down and read_header(plain).lora is None
     merged = tmp_path / "merged.safetensors"
     proc = subprocess.run(run + ["--qat", "--lora", "--merge-lora", "-o", str(merged)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

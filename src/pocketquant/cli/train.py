@@ -39,6 +39,14 @@ def register(p):
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in backward (less memory)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help=f"steps between saved states in OUT.train-state/ (default {d.checkpoint_every})")
+    p.add_argument("--rotations", default=d.rotations, metavar="hadamard|none|FILE",
+                   help="rotate the model before training, as SpinQuant does: random Hadamard R1/R2 + online R4 "
+                        "(hadamard, the default), the rotations file of a `quantize --method spinquant` run, "
+                        "or none")
+    p.add_argument("--init", default=d.init, choices=["gptq", "float"],
+                   help="start the weights from GPTQ's quantized ones (default) or from the float model's")
+    p.add_argument("--gptq-samples", type=int, default=d.gptq_samples,
+                   help=f"training sequences GPTQ calibrates on (default {d.gptq_samples})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(run=run)
 
@@ -50,10 +58,12 @@ def run(args) -> int:
 
     if not (args.qat or args.lora):
         raise PocketQuantError("say what to train: --qat, --lora, or both")
-    config = TrainConfig(get_scheme(args.scheme), args.qat, args.lora, args.steps, args.lora_steps, args.seq_len,
-                         args.batch, args.grad_accum, args.lr, args.lora_lr, args.warmup, args.weight_decay,
-                         args.distill, args.rank, args.lora_scale, tuple(t for t in args.targets.split(",") if t),
-                         args.grad_checkpointing, args.checkpoint_every, args.seed)
+    config = TrainConfig(
+        get_scheme(args.scheme), args.qat, args.lora, args.steps, args.lora_steps, args.seq_len, args.batch,
+        args.grad_accum, args.lr, args.lora_lr, args.warmup, args.weight_decay, args.distill, args.rank,
+        args.lora_scale, tuple(t for t in args.targets.split(",") if t), args.grad_checkpointing,
+        args.checkpoint_every, args.seed, None if args.rotations == "none" else args.rotations, args.init,
+        args.gptq_samples)
     r = train_model(args.model, args.output, config, args.data, args.merge_lora)
     if r is None:  # a torchrun helper process: the first process writes the file
         return 0

@@ -1,9 +1,11 @@
 """Quantization-aware model preparation: swap modules for fake-quantized twins (`prepare`), and turn
-them into the packed modules the runtime uses (`convert`). Training is in `quant/train.py`."""
+them into the packed modules the runtime uses (`convert`), or packed modules back into float ones holding
+their dequantized weights (`dequantize`: a quantized starting point). Training is in `quant/train.py`."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from pocketquant.layers import (FakeQuantEmbedding, FakeQuantLinear, QuantEmbedding, QuantLinear, check_plan,
                                 linear_plan, set_module, share_embedding_output)
@@ -42,4 +44,18 @@ def convert(model: Transformer, scheme: QuantScheme) -> Transformer:
             model.embed_tokens = QuantEmbedding.from_float(module.weight, module.spec)
     if scheme.share_embedding_output:
         share_embedding_output(model)
+    return model
+
+
+@torch.no_grad()
+def dequantize(model: Transformer) -> Transformer:
+    """Replace packed modules by float ones whose weights are the dequantized integers (adapters dropped)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=False, device=module.qweight.device)
+            linear.weight.copy_(module.dequantized_weight())
+            set_module(model, name, linear)
+        elif isinstance(module, QuantEmbedding):
+            table = module.qweight.float() * module.scales.float()
+            model.embed_tokens = nn.Embedding(*table.shape, _weight=table)
     return model

@@ -44,6 +44,7 @@ def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: s
     from pocketquant.packed import save_packed
     from pocketquant.progress import bar
     from pocketquant.quant import gptq, rtn, spinquant
+    from pocketquant.quant.distributed import join_torchrun
 
     if method not in METHODS:
         raise PocketQuantError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
@@ -78,7 +79,7 @@ def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: s
     if method == "spinquant":
         from pocketquant.data import token_blocks
 
-        rank = _join_torchrun(model.device)
+        rank = join_torchrun(model.device)
         config = spinquant.SpinQuantConfig(scheme, **(spin or {}))
         tokens = heldout = None
         if not rotations:
@@ -111,16 +112,4 @@ def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: s
     can_share = (model.config.tie_embeddings and scheme.embedding is not None and scheme.output is not None
                  and scheme.output.weight == scheme.embedding)
     return QuantizeResult(out, out.stat().st_size, table, scheme.share_embedding_output, can_share, **result_extra)
-
-
-def _join_torchrun(device) -> int:
-    """This process's rank when started by torchrun (joining its process group once), else 0."""
-    import os
-
-    dist = torch.distributed
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
-        return 0
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank()
 

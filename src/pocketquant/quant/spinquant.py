@@ -30,6 +30,7 @@ from pocketquant.model import Transformer
 from pocketquant.numerics import fake_quant_per_token, fake_quant_weight
 from pocketquant.packed import atomic_write
 from pocketquant.quant import rotation
+from pocketquant.quant.distributed import world_and_rank
 from pocketquant.quant.train import distillation_kl
 from pocketquant.scheme import PRESETS, QuantScheme
 
@@ -97,27 +98,32 @@ class _Heads(nn.Module):
         return rotate(w, self.R.to(w.dtype), self.D)
 
 
+class _Switch:
+    """Whether the search's fake quantization is on (off while the float teacher of the KL loss runs)."""
+    on = True
+
+
 class _FakeQuantWeight(nn.Module):
-    def __init__(self, spec, on):
+    def __init__(self, spec, switch: _Switch):
         super().__init__()
-        self.spec, self.on = spec, on
+        self.spec, self.switch = spec, switch
 
     def forward(self, w):
-        return fake_quant_weight(w, self.spec).to(w.dtype) if self.on[0] else w
+        return fake_quant_weight(w, self.spec).to(w.dtype) if self.switch.on else w
 
 
-def _loss(model, batch, kind: str, quant_on: list) -> torch.Tensor:
-    """The search loss of one batch of blocks; `quant_on[0]` switches the fake quantization."""
+def _loss(model, batch, kind: str, switch: _Switch) -> torch.Tensor:
+    """The search loss of one batch of blocks (`switch` turns the fake quantization off for the teacher)."""
     logits = model(batch[:, :-1]).float()
     if kind == "ce":
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-    quant_on[0], kv = False, model.kv_cache_bits
+    switch.on, kv = False, model.kv_cache_bits
     model.set_kv_cache_bits(None)
     try:
         with torch.no_grad(), parametrize.cached():
             teacher = model(batch[:, :-1])
     finally:
-        quant_on[0] = True
+        switch.on = True
         model.set_kv_cache_bits(kv)
     return distillation_kl(logits, teacher)
 
@@ -139,7 +145,7 @@ def learn_rotations(model: Transformer, config: SpinQuantConfig, tokens: torch.T
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    scheme, hooks, registered, on = config.scheme, [], [], [True]
+    scheme, hooks, registered, switch = config.scheme, [], [], _Switch()
 
     def reg(module, param_name, p):
         parametrize.register_parametrization(module, param_name, p)
@@ -163,20 +169,18 @@ def learn_rotations(model: Transformer, config: SpinQuantConfig, tokens: torch.T
             continue
         if spec.act is not None:  # returning None leaves the input as it is (quantization switched off)
             hooks.append(lin.register_forward_pre_hook(
-                lambda m, args, a=spec.act: (fake_quant_per_token(args[0], a).to(args[0].dtype),) if on[0]
+                lambda m, args, a=spec.act: (fake_quant_per_token(args[0], a).to(args[0].dtype),) if switch.on
                 else None))
         if config.fake_quant_weights:
-            reg(lin, "weight", _FakeQuantWeight(spec.weight, on))
+            reg(lin, "weight", _FakeQuantWeight(spec.weight, switch))
     kv_before = model.kv_cache_bits
     model.set_kv_cache_bits(scheme.kv_cache_bits)
-    dist = torch.distributed
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
+    world, rank = world_and_rank()
     losses = []
 
     def heldout_loss():
         with torch.no_grad():
-            return sum(_loss(model, heldout[i:i + 1].to(dev), config.loss, on).item()
+            return sum(_loss(model, heldout[i:i + 1].to(dev), config.loss, switch).item()
                        for i in range(len(heldout))) / len(heldout)
 
     try:
@@ -185,13 +189,13 @@ def learn_rotations(model: Transformer, config: SpinQuantConfig, tokens: torch.T
         for step in (progress(steps, desc="spinquant", unit="step") if progress and rank == 0 else steps):
             first = ((step * world + rank) * config.batch) % tokens.shape[0]
             batch = tokens[first:first + config.batch].to(dev)
-            loss = _loss(model, batch, config.loss, on)
+            loss = _loss(model, batch, config.loss, switch)
             loss.backward()
             lr = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.iterations))
             with torch.no_grad():
                 for R in (R1, *R2):
                     if world > 1:
-                        dist.all_reduce(R.grad)
+                        torch.distributed.all_reduce(R.grad)
                         R.grad /= world
                     R.copy_(cayley_step(R, R.grad, lr).float())
                     R.grad = None

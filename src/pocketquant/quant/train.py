@@ -5,7 +5,10 @@ numerics of the scheme in the forward, straight-through gradients); "lora" freez
 trains low-rank adapters beside the block linears. Either may run alone. The loss mixes the KL
 divergence from the float model's next-token distribution (`distill`; the teacher is the original float
 model) with the next-token cross-entropy on the target tokens. AdamW, linear warmup then cosine decay
-per phase, gradient accumulation, gradient clipping at 1, optional gradient checkpointing.
+per phase, gradient accumulation, gradient clipping at 1, optional gradient checkpointing. By default
+`train_model` first rotates the float model as SpinQuant does (random Hadamard R1/R2, online R4), which
+starts the training from a much easier model to quantize, and starts the weights from GPTQ's
+(quantized, then dequantized) rather than the float ones; each phase reads sequences the earlier one did not.
 
 Every `checkpoint_every` steps the whole state (weights, adapters, optimizer, loss curve) is written to
 STATE_DIR/state.pt, from which the same run resumes. The examples of a step are fixed by the step number,
@@ -27,6 +30,7 @@ from pocketquant.errors import PocketQuantError
 from pocketquant.model import Transformer
 from pocketquant.packed import atomic_write
 from pocketquant.quant import qat
+from pocketquant.quant.distributed import join_torchrun, world_and_rank
 from pocketquant.quant.lora import add_lora, lora_parameters
 from pocketquant.scheme import PRESETS, QuantScheme
 
@@ -52,13 +56,18 @@ class TrainConfig:
     grad_checkpointing: bool = False
     checkpoint_every: int = 25
     seed: int = 0
+    rotations: str | None = "hadamard"  # rotate first: random Hadamard R1/R2/R4, a rotations file, or None
+    init: str = "gptq"  # weights start as GPTQ's quantized ones ("gptq") or as the float model's ("float")
+    gptq_samples: int = 128  # training sequences GPTQ calibrates on
 
     def __post_init__(self):
         if not (self.qat or self.lora):
             raise PocketQuantError("nothing to train: choose QAT, LoRA or both")
+        if self.init not in ("gptq", "float"):
+            raise PocketQuantError(f"init is gptq or float, got {self.init!r}")
         if not 0.0 <= self.distill <= 1.0:
             raise PocketQuantError(f"distill is a weight in [0, 1], got {self.distill}")
-        for name in ("steps", "lora_steps", "seq_len", "batch", "grad_accum", "checkpoint_every"):
+        for name in ("steps", "lora_steps", "seq_len", "batch", "grad_accum", "checkpoint_every", "gptq_samples"):
             if getattr(self, name) < 1:
                 raise PocketQuantError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -110,9 +119,7 @@ def train(model: Transformer, teacher: Transformer | None, config: TrainConfig, 
     with its adapters; `qat.convert` packs it) and the loss of every optimizer step, phase after phase."""
     if config.distill > 0 and teacher is None:
         raise PocketQuantError("distillation needs the float model as teacher")
-    dist = torch.distributed
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
+    world, rank = world_and_rank()
     dev = model.device
     qat.prepare(model, config.scheme)
     if config.lora:
@@ -128,7 +135,9 @@ def train(model: Transformer, teacher: Transformer | None, config: TrainConfig, 
     losses = state["losses"] if state else []
     per_step = config.batch * config.grad_accum * world
     adapters = set(lora_parameters(model))
+    seen = 0  # sequences read by the earlier phases: each phase starts on the next unseen ones
     for index, (phase, steps, peak) in enumerate(config.phases()):
+        offset, seen = seen, seen + steps * per_step
         if state and (state["phase"], state["step"]) >= (index, steps):
             continue  # finished before the interruption
         for p in model.parameters():
@@ -149,7 +158,7 @@ def train(model: Transformer, teacher: Transformer | None, config: TrainConfig, 
                 group["lr"] = learning_rate(peak, step, steps, config.warmup)
             total = 0.0
             for micro in range(config.grad_accum):
-                first = ((step * config.grad_accum + micro) * world + rank) * config.batch % len(ids)
+                first = (offset + ((step * config.grad_accum + micro) * world + rank) * config.batch) % len(ids)
                 rows = torch.arange(first, first + config.batch) % len(ids)
                 loss = loss_of(net, teacher, ids[rows].to(dev), mask[rows].to(dev), config.distill)
                 (loss / config.grad_accum).backward()
@@ -180,8 +189,9 @@ class TrainResult:
 
 def train_model(source: str | Path, out: str | Path, config: TrainConfig = TrainConfig(),
                 data: str | Path | None = None, merge_lora: bool = False, progress=True) -> TrainResult | None:
-    """Load the float model `source`, train as `config` says on `data` (plain text or chat .jsonl; default:
-    the shipped calibration text), and write the packed file `out` (adapters kept beside their linears,
+    """Load the float model `source`, bring it to its starting point (`starting_point`: rotated, GPTQ
+    weights), train as `config` says on `data` (plain text or chat .jsonl; default: the shipped
+    calibration text), and write the packed file `out` (adapters kept beside their linears,
     or with `merge_lora` folded into the weights before quantizing). The state is checkpointed in
     OUT.train-state/ (removed once the file is written); a rerun of the same command resumes from it.
     Under torchrun the first process writes the file and the others return None."""
@@ -193,7 +203,6 @@ def train_model(source: str | Path, out: str | Path, config: TrainConfig = Train
     from pocketquant.packed import save_packed
     from pocketquant.progress import bar
     from pocketquant.quant.lora import merge_lora as merge
-    from pocketquant.quant.recipe import _join_torchrun
 
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -205,9 +214,10 @@ def train_model(source: str | Path, out: str | Path, config: TrainConfig = Train
     if loaded.tokenizer is None:
         raise PocketQuantError(f"{source} has no tokenizer: training needs text")
     ids, mask = training_examples(loaded.tokenizer, data, config.seq_len)
-    rank = _join_torchrun(loaded.model.device)
+    rank = join_torchrun(loaded.model.device)
     teacher = load_model(source, torch.float32).model if config.distill > 0 else None
     state_dir = out.with_name(out.name + ".train-state")
+    starting_point(loaded.model, config, ids, state_dir, bar if progress and not rank else None)
     model, losses = train(loaded.model, teacher, config, ids, mask, state_dir, bar if progress else None)
     if rank:
         return None
@@ -218,9 +228,41 @@ def train_model(source: str | Path, out: str | Path, config: TrainConfig = Train
                "lora_merged": merge_lora}]
     save_packed(out, model, config.scheme, recipe, loaded.tokenizer)
     shutil.rmtree(state_dir, ignore_errors=True)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = world_and_rank()[0]
     tokens = len(losses) * config.batch * config.grad_accum * world * config.seq_len
     return TrainResult(out, out.stat().st_size, losses, len(ids), tokens)
+
+
+def starting_point(model: Transformer, config: TrainConfig, ids: torch.Tensor, state_dir: Path, progress=None
+                   ) -> Transformer:
+    """The float model `train` starts from: rotated (`config.rotations`), then with `init="gptq"` quantized
+    by GPTQ on the first training sequences (checkpointed in STATE_DIR/gptq) and dequantized. Skipped
+    when STATE_DIR holds a training state, whose weights replace these anyway."""
+    if config.rotations:
+        rotate(model, config)
+    if config.init == "gptq" and not (state_dir / "state.pt").is_file():
+        from pocketquant.quant import gptq
+
+        rank = world_and_rank()[1]
+        gptq_config = gptq.GPTQConfig(config.scheme, config.gptq_samples, config.seq_len)
+        gptq.apply(model, gptq_config, ids[:config.gptq_samples], progress=progress,
+                   state_dir=None if rank else state_dir / "gptq")  # every process computes the same
+        qat.dequantize(model)
+    return model
+
+
+def rotate(model: Transformer, config: TrainConfig) -> Transformer:
+    """SpinQuant's offline transforms before training: fold the norms, merge R1/R2 (random Hadamard, or
+    those of a rotations file) and R4 (with its online Hadamard, and R3 for an int8 KV cache). The float
+    function is unchanged, so the unrotated float model stays the teacher."""
+    from pocketquant.quant import spinquant
+
+    hadamard = config.rotations == "hadamard"
+    spin = spinquant.SpinQuantConfig(config.scheme, learn=False, seed=config.seed)
+    try:
+        return spinquant.prepare(model, spin, None, rotations=None if hadamard else config.rotations)[0]
+    except PocketQuantError as e:
+        raise PocketQuantError(f"{e} (train without rotations: --rotations none)") from e
 
 
 def _run_id(config: TrainConfig, data_id: str) -> str:
