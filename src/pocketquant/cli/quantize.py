@@ -38,8 +38,8 @@ def register(p):
     s.add_argument("--spin-lr", type=float, default=1.5, help="Cayley SGD learning rate, cosine-decayed")
     s.add_argument("--spin-loss", default="ce", choices=["ce", "kl"],
                    help="search loss: next-token cross-entropy (default) or KL from the float model")
-    s.add_argument("--spin-float-weights", action="store_true",
-                   help="search with 16-bit weights, as Meta does (default: int4 weights in the loop too)")
+    s.add_argument("--spin-int4-weights", action="store_true",
+                   help="fake-quantize the weights to int4 in the search too (default: 16-bit weights, as Meta)")
     s.add_argument("--no-learn", action="store_true", help="random Hadamard rotations only (no search)")
     p.set_defaults(run=run)
 
@@ -54,7 +54,7 @@ def run(args) -> int:
                  act_order=args.act_order, calib_text=args.calib_text, rotations=args.rotations, then=args.then,
                  spin={"iterations": args.spin_iterations, "samples": args.spin_samples, "seq_len": args.spin_len,
                        "lr": args.spin_lr, "learn": not args.no_learn, "loss": args.spin_loss,
-                       "fake_quant_weights": not args.spin_float_weights})
+                       "fake_quant_weights": args.spin_int4_weights})
     if r is None:  # a torchrun helper process: the first process writes the files
         return 0
     print(f"wrote {r.path} ({r.file_bytes:,} bytes)")

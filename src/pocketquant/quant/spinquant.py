@@ -45,7 +45,7 @@ class SpinQuantConfig:
     lr: float = 1.5
     seed: int = 0
     learn: bool = True  # False: random Hadamard rotations only (QuaRot-style)
-    fake_quant_weights: bool = True  # int4 weights in the loop too (Meta searches with 16-bit weights)
+    fake_quant_weights: bool = False  # int4 weights in the loop too (Meta, and the default: 16-bit weights)
     loss: str = "ce"  # "ce": next-token cross-entropy (Meta); "kl": distill the float model's outputs
 
     def to_dict(self) -> dict:
