@@ -102,7 +102,8 @@ def test_cli_spinquant_then_gptq_and_reuse_of_its_rotations(tiny_text_dir, tmp_p
     out = tmp_path / "spin.safetensors"
     proc = subprocess.run(run + ["-o", str(out), "--method", "spinquant", "--spin-iterations", "3",
                                  "--spin-samples", "3", "--spin-len", "32", "--calib-samples", "4",
-                                 "--calib-len", "32"], capture_output=True, text=True)
+                                 "--calib-len", "32", "--spin-seed", "1", "--spin-int4-weights"],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     rotations = tmp_path / "spin.rotations.safetensors"
     assert "rotation search: loss" in proc.stdout and rotations.is_file()
@@ -113,6 +114,7 @@ def test_cli_spinquant_then_gptq_and_reuse_of_its_rotations(tiny_text_dir, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert [r["method"] for r in read_header(again).recipe] == ["spinquant", "rtn"]
     assert [r["method"] for r in read_header(out).recipe] == ["spinquant", "gptq"]
+    assert read_header(out).recipe[0]["seed"] == 1 and read_header(out).recipe[0]["fake_quant_weights"]
     a, b = load(out).model, load(again).model  # the same rotations: the same (RTN) int8 embedding and output
     assert torch.equal(a.embed_tokens.qweight, b.embed_tokens.qweight)
     assert torch.equal(a.lm_head.qweight, b.lm_head.qweight)

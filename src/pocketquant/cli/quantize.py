@@ -40,6 +40,7 @@ def register(p):
                    help="search loss: next-token cross-entropy (default) or KL from the float model")
     s.add_argument("--spin-int4-weights", action="store_true",
                    help="fake-quantize the weights to int4 in the search too (default: 16-bit weights, as Meta)")
+    s.add_argument("--spin-seed", type=int, default=0, help="seed of the random Hadamard start (default 0)")
     s.add_argument("--no-learn", action="store_true", help="random Hadamard rotations only (no search)")
     p.set_defaults(run=run)
 
@@ -54,7 +55,8 @@ def run(args) -> int:
                  act_order=args.act_order, calib_text=args.calib_text, rotations=args.rotations, then=args.then,
                  spin={"iterations": args.spin_iterations, "samples": args.spin_samples, "seq_len": args.spin_len,
                        "lr": args.spin_lr, "learn": not args.no_learn, "loss": args.spin_loss,
-                       "fake_quant_weights": args.spin_int4_weights})
+                       "fake_quant_weights": args.spin_int4_weights,
+                       "seed": args.spin_seed})
     if r is None:  # a torchrun helper process: the first process writes the files
         return 0
     print(f"wrote {r.path} ({r.file_bytes:,} bytes)")
