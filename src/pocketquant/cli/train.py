@@ -59,11 +59,13 @@ def run(args) -> int:
     if not (args.qat or args.lora):
         raise PocketQuantError("say what to train: --qat, --lora, or both")
     config = TrainConfig(
-        get_scheme(args.scheme), args.qat, args.lora, args.steps, args.lora_steps, args.seq_len, args.batch,
-        args.grad_accum, args.lr, args.lora_lr, args.warmup, args.weight_decay, args.distill, args.rank,
-        args.lora_scale, tuple(t for t in args.targets.split(",") if t), args.grad_checkpointing,
-        args.checkpoint_every, args.seed, None if args.rotations == "none" else args.rotations, args.init,
-        args.gptq_samples)
+        scheme=get_scheme(args.scheme), qat=args.qat, lora=args.lora, steps=args.steps, lora_steps=args.lora_steps,
+        seq_len=args.seq_len, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr, lora_lr=args.lora_lr,
+        warmup=args.warmup, weight_decay=args.weight_decay, distill=args.distill, rank=args.rank,
+        lora_scale=args.lora_scale, targets=tuple(t for t in args.targets.split(",") if t),
+        grad_checkpointing=args.grad_checkpointing, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        rotations=None if args.rotations == "none" else args.rotations, init=args.init,
+        gptq_samples=args.gptq_samples)
     r = train_model(args.model, args.output, config, args.data, args.merge_lora)
     if r is None:  # a torchrun helper process: the first process writes the file
         return 0

@@ -10,6 +10,7 @@ from torch import nn
 from pocketquant.layers import (FakeQuantEmbedding, FakeQuantLinear, QuantEmbedding, QuantLinear, check_plan,
                                 linear_plan, set_module, share_embedding_output)
 from pocketquant.model import Transformer
+from pocketquant.numerics import dequantize_weight
 from pocketquant.scheme import QuantScheme
 
 
@@ -56,6 +57,6 @@ def dequantize(model: Transformer) -> Transformer:
             linear.weight.copy_(module.dequantized_weight())
             set_module(model, name, linear)
         elif isinstance(module, QuantEmbedding):
-            table = module.qweight.float() * module.scales.float()
+            table = dequantize_weight(module.qweight, module.scales)  # one scale per row
             model.embed_tokens = nn.Embedding(*table.shape, _weight=table)
     return model

@@ -259,9 +259,11 @@ def rotate(model: Transformer, config: TrainConfig) -> Transformer:
 
     hadamard = config.rotations == "hadamard"
     spin = spinquant.SpinQuantConfig(config.scheme, learn=False, seed=config.seed)
+    if not hadamard:  # a rotations file: its own errors say what is wrong with it
+        return spinquant.prepare(model, spin, None, rotations=config.rotations)[0]
     try:
-        return spinquant.prepare(model, spin, None, rotations=None if hadamard else config.rotations)[0]
-    except PocketQuantError as e:
+        return spinquant.prepare(model, spin, None)[0]
+    except PocketQuantError as e:  # a width without a Hadamard construction
         raise PocketQuantError(f"{e} (train without rotations: --rotations none)") from e
 
 
