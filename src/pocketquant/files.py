@@ -1,0 +1,249 @@
+"""Writing files safely: an output never replaces an input, every file is written to a temporary file
+created exclusively beside it and renamed into place, and resumable work keeps its state in a directory
+whose steps commit atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from pocketquant.errors import PocketQuantError
+
+PARTIAL = ".partial-"  # temporary files are named .NAME.partial-PID-RANDOM
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json(f: Path):
+    """A JSON file's contents, or a one-line error for one that is unreadable, not UTF-8 or not JSON."""
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise PocketQuantError(f"cannot read {f}: {e.strerror or e}") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        raise PocketQuantError(f"{f} is not valid JSON: {type(e).__name__}: {e}") from e
+
+
+def tensors_digest(tensors: dict) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and bytes): what identifies a model's weights."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in tensors.items():
+        h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def check_output(path: str | Path, inputs: Iterable = (), suffix: str | None = None) -> Path:
+    """Refuse, before any work is done, an output that is a directory, lacks `suffix`, would replace a file
+    one of `inputs` is made of (a file, or a file inside a model directory), or cannot be written."""
+    path = Path(path)
+    if suffix and path.suffix != suffix:
+        raise PocketQuantError(f"the output file must end in {suffix}, got {path.name}")
+    if path.is_dir():
+        raise PocketQuantError(f"{path} is a directory; name the file to write")
+    for source in inputs:
+        if source is not None and _replaces(path, Path(str(source))):
+            raise PocketQuantError(f"refusing to write {path}: it would replace {source}, an input of this command")
+    _check_writable(path)
+    return path
+
+
+def _replaces(out: Path, source: Path) -> bool:
+    if not (out.exists() and source.exists()):
+        return False
+    if source.is_dir():
+        return source.resolve() in out.resolve().parents
+    return os.path.samefile(out, source) or out.resolve() == source.resolve()
+
+
+def _check_writable(path: Path):
+    parent = path.parent
+    while not parent.exists():  # the nearest existing folder must let us create what is missing
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PocketQuantError(f"cannot write {path}: {parent} is not a directory")
+    if parent == path.parent:
+        try:  # a real probe: permissions, read-only file systems, ACLs
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL}{os.getpid()}-", dir=parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise PocketQuantError(f"cannot write {path}: {e.strerror or e}") from e
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        raise PocketQuantError(f"cannot write {path}: {parent} is not writable")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Call write(tmp) on a new temporary file beside `path`, then rename it to `path`. The temporary file
+    is created exclusively (never through a planted link), removed after any failure, and removed by the
+    next write of `path` if a kill left it; `path` is either untouched or complete."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL}{os.getpid()}-", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise PocketQuantError(f"cannot write {path}: {e.strerror or e}") from e
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result gets the usual mode
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise PocketQuantError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_partials(directory: Path):
+    """Remove the temporary files (.NAME.partial-PID-...) that killed writers left in `directory`."""
+    for entry in os.scandir(directory):
+        if entry.name.startswith(".") and PARTIAL in entry.name and not entry.is_dir(follow_symlinks=False):
+            pid = entry.name.rsplit(PARTIAL, 1)[1].split("-")[0]
+            if not _alive(pid):
+                Path(entry.path).unlink(missing_ok=True)  # a link is removed, never followed
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StateDir:
+    """The state of resumable work (GPTQ layer by layer, training step by step): data files plus a manifest,
+    state.json, that names each committed file with its SHA-256. A step writes its files under new names,
+    then commits by replacing the manifest, so a kill at any moment leaves the last committed step
+    whole. The manifest also lists the files a step may have started, so a rerun removes exactly those and
+    never a file it did not write."""
+
+    MANIFEST = "state.json"
+
+    def __init__(self, path: str | Path, kind: str, key: dict):
+        self.path, self.kind = Path(path), kind
+        self.key = json.loads(json.dumps(key))  # as the manifest will hold it (tuples become lists)
+        self.files: dict[str, str] = {}  # committed name -> SHA-256
+        self.info: dict | None = None  # what the last committed step recorded
+
+    def open(self) -> dict | None:
+        """Create the directory, or take up the state an earlier run with the same key left there; return the
+        info of its last committed step (None when starting afresh)."""
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
+            raise PocketQuantError(f"{self.path} is not a plain directory; refusing to keep {self.kind} state "
+                                   "there (remove it)")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PocketQuantError(f"cannot create {self.path}: {e.strerror or e}") from e
+        manifest = self.path / self.MANIFEST
+        if manifest.is_file():
+            saved = self._read(manifest)
+            if saved["info"] is not None or saved["files"]:
+                self._take_up(saved)
+                for name in set(saved["pending"]) - set(self.files):  # an interrupted step's files
+                    (self.path / name).unlink(missing_ok=True)
+                return self.info
+            for name in saved["pending"]:  # nothing was committed, so nothing is kept, whatever the run was
+                (self.path / name).unlink(missing_ok=True)
+        elif any(not p.name.startswith(f".{self.MANIFEST}{PARTIAL}") for p in self.path.iterdir()):
+            raise PocketQuantError(f"{self.path} holds files that are not pocketquant {self.kind} state; "
+                                   "move them away or choose another output name")
+        self._save({}, None, pending=())
+        return None
+
+    def read(self) -> dict | None:
+        """Like `open`, for a process that only reads the state another one writes: changes nothing."""
+        manifest = self.path / self.MANIFEST
+        saved = self._read(manifest) if manifest.is_file() else {"info": None, "files": {}}
+        if saved["info"] is not None or saved["files"]:
+            self._take_up(saved)
+        return self.info
+
+    def _take_up(self, saved: dict):
+        """Check the committed step of a manifest against this run and its files, then make it ours."""
+        if saved["key"] != self.key:
+            raise PocketQuantError(f"{self.path} holds a {self.kind} run with other settings or another model; "
+                                   "delete it to start over")
+        for name, digest in saved["files"].items():
+            f = self.path / name
+            if not f.is_file() or f.is_symlink() or sha256_of(f) != digest:
+                raise PocketQuantError(f"{f}: damaged {self.kind} state (missing, truncated or changed); "
+                                       f"delete {self.path} to start over")
+        self.files, self.info = saved["files"], saved["info"]
+
+    def _read(self, manifest: Path) -> dict:
+        try:
+            saved = json.loads(manifest.read_text(encoding="utf-8"))
+            ok = (saved.get("format") == "pocketquant.state" and saved.get("kind") == self.kind
+                  and isinstance(saved.get("files"), dict) and isinstance(saved.get("pending"), list)
+                  and isinstance(saved.get("info"), (dict, type(None))) and "key" in saved
+                  and all(_plain_name(n) for n in [*saved["files"], *saved["pending"]]))
+        except (OSError, ValueError, AttributeError) as e:
+            raise PocketQuantError(f"{manifest}: damaged {self.kind} state ({e}); delete {self.path} to start "
+                                   "over") from e
+        if not ok:
+            raise PocketQuantError(f"{manifest} is not a pocketquant {self.kind} state; delete {self.path} to "
+                                   "start over")
+        return saved
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def commit(self, info: dict, write: dict[str, Callable[[Path], object]], drop: Iterable[str] = ()):
+        """Write the files of a step (name -> write(tmp)), then commit them with `info`; files named in
+        `drop` leave the state."""
+        drop = set(drop) - set(write)
+        self._save(self.files, self.info, pending=[*write, *drop])  # what may exist beside the committed files
+        digests = {}
+        for name, fn in write.items():
+            atomic_write(self.path / name, fn)
+            digests[name] = sha256_of(self.path / name)
+        files = {k: v for k, v in self.files.items() if k not in drop} | digests
+        self._save(files, info, pending=drop)
+        for name in drop:
+            (self.path / name).unlink(missing_ok=True)
+        self.files, self.info = files, info
+
+    def _save(self, files: dict, info, pending):
+        body = {"format": "pocketquant.state", "kind": self.kind, "key": self.key, "files": files, "info": info,
+                "pending": sorted(pending)}
+        atomic_write(self.path / self.MANIFEST, lambda tmp: tmp.write_text(json.dumps(body), encoding="utf-8"))
+
+    def remove(self):
+        """Delete the state: the files it wrote, then the directory if nothing else is in it."""
+        for name in [*self.files, self.MANIFEST]:
+            (self.path / name).unlink(missing_ok=True)
+        remove_stale_partials(self.path)
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass  # something else lives there: leave it
+
+
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
