@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import zipfile
@@ -173,3 +174,29 @@ def tiny_text_dir(tmp_path):
     model.save_pretrained(tmp_path / "tiny")
     save_byte_tokenizer(tmp_path / "tiny")
     return tmp_path / "tiny", model
+
+
+@contextlib.contextmanager
+def killed_at_write(monkeypatch, k: int, during: bool = False):
+    """Inside the block, the file writes after the first `k` stop the process as a kill would: before the
+    write (between two writes), or with `during` in the middle of it (its temporary file half written)."""
+    from pocketquant import files
+
+    real, count = files.atomic_write, []
+
+    def killed(path, write):
+        count.append(path)
+        if len(count) <= k:
+            return real(path, write)
+        if not during:
+            raise KeyboardInterrupt
+
+        def half(tmp):
+            write(tmp)
+            tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
+            raise KeyboardInterrupt
+        return real(path, half)
+
+    with monkeypatch.context() as m:
+        m.setattr(files, "atomic_write", killed)
+        yield count

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import killed_at_write
 from pocketquant.checkpoints import load_model
 from pocketquant.errors import PocketQuantError
 from pocketquant.layers import QuantLinear
@@ -97,10 +98,80 @@ def test_a_killed_run_resumes_after_its_last_finished_layer(tiny_text_dir, tmp_p
         assert torch.equal(a, b), name
 
 
-def test_a_checkpoint_of_other_settings_is_refused(tiny_text_dir, tmp_path):
+def _killed_after_layer_0(model, config, tokens, state, monkeypatch):
+    real, calls = gptq.gptq_weight, []
+
+    def dies_in_layer_1(*args, **kw):
+        calls.append(1)
+        if len(calls) > 7:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(gptq, "gptq_weight", dies_in_layer_1)
+        with pytest.raises(KeyboardInterrupt):
+            gptq.apply(model, config, tokens, state_dir=state)
+
+
+def test_a_checkpoint_of_other_settings_or_another_model_is_refused(tiny_text_dir, tmp_path, monkeypatch):
     tokens = torch.randint(0, 256, (4, 32), generator=G)
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "progress.json").write_text('{"key": {"method": "gptq", "damp": 0.5}, "done": 1}')
-    with pytest.raises(PocketQuantError, match="other settings"):
-        gptq.apply(_model(tiny_text_dir), gptq.GPTQConfig(samples=4, seq_len=32), tokens, state_dir=state)
+    state, config = tmp_path / "state", gptq.GPTQConfig(samples=4, seq_len=32)
+    _killed_after_layer_0(_model(tiny_text_dir), config, tokens, state, monkeypatch)
+    with pytest.raises(PocketQuantError, match="other settings or another model"):
+        gptq.apply(_model(tiny_text_dir), gptq.GPTQConfig(samples=4, seq_len=32, damp=0.5), tokens, state_dir=state)
+    other = _model(tiny_text_dir)
+    with torch.no_grad():
+        other.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
+    with pytest.raises(PocketQuantError, match="other settings or another model"):
+        gptq.apply(other, config, tokens, state_dir=state)
+
+
+def test_a_damaged_checkpoint_is_refused(tiny_text_dir, tmp_path, monkeypatch):
+    tokens = torch.randint(0, 256, (4, 32), generator=G)
+    state, config = tmp_path / "state", gptq.GPTQConfig(samples=4, seq_len=32)
+    _killed_after_layer_0(_model(tiny_text_dir), config, tokens, state, monkeypatch)
+    layer = state / "layer-0.safetensors"
+    layer.write_bytes(layer.read_bytes()[:-7])
+    with pytest.raises(PocketQuantError, match="damaged GPTQ state"):
+        gptq.apply(_model(tiny_text_dir), config, tokens, state_dir=state)
+    (state / "state.json").write_text('{"format": "pocketquant.state", "files": "x"')
+    with pytest.raises(PocketQuantError, match="damaged GPTQ state"):
+        gptq.apply(_model(tiny_text_dir), config, tokens, state_dir=state)
+
+
+@pytest.mark.parametrize("when", ["after", "during"])
+def test_a_kill_at_any_write_then_a_rerun_gives_the_uninterrupted_result(tiny_text_dir, tmp_path, monkeypatch, when):
+    """Every file operation of a GPTQ run is a place a kill can land: between two writes ("after") or in the
+    middle of one ("during", its temporary file half written). A rerun must give exactly the uninterrupted
+    result and leave nothing behind."""
+    tokens = torch.randint(0, 256, (4, 32), generator=G)
+    config = gptq.GPTQConfig(samples=4, seq_len=32)
+    whole = gptq.apply(_model(tiny_text_dir), config, tokens).state_dict()
+    for k in range(20):
+        state, finished = tmp_path / f"{when}-{k}", True
+        with killed_at_write(monkeypatch, k, during=when == "during") as writes:
+            try:
+                gptq.apply(_model(tiny_text_dir), config, tokens, state_dir=state)
+            except KeyboardInterrupt:
+                finished = False
+        resumed = gptq.apply(_model(tiny_text_dir), config, tokens, state_dir=state).state_dict()
+        assert all(torch.equal(whole[n], resumed[n]) for n in whole), f"killed at write {k} ({writes[-1].name})"
+        assert not state.exists()
+        if finished:  # k is past the last write of a run
+            break
+    assert k > 8  # the state of every layer was written and committed: 2 layers x 4 writes + the first
+
+
+def test_a_state_directory_that_is_a_link_or_holds_other_files_is_left_alone(tiny_text_dir, tmp_path):
+    tokens = torch.randint(0, 256, (4, 32), generator=G)
+    config = gptq.GPTQConfig(samples=4, seq_len=32)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "link").symlink_to(elsewhere)
+    with pytest.raises(PocketQuantError, match="not a plain directory"):
+        gptq.apply(_model(tiny_text_dir), config, tokens, state_dir=tmp_path / "link")
+    assert list(elsewhere.iterdir()) == []
+    (elsewhere / "notes.txt").write_text("mine")
+    with pytest.raises(PocketQuantError, match="not pocketquant GPTQ state"):
+        gptq.apply(_model(tiny_text_dir), config, tokens, state_dir=elsewhere)
+    assert [p.name for p in elsewhere.iterdir()] == ["notes.txt"]

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from conftest import hf_logits, hf_model, hf_to_gguf, hf_to_meta, write_json
 from pocketquant.checkpoints import load_model
@@ -137,7 +139,13 @@ def test_missing_tensor_is_listed(tiny_hf_dir):
     path, _ = tiny_hf_dir
     cfg = json.loads((path / "config.json").read_text())
     write_json(path / "config.json", {**cfg, "num_hidden_layers": 3})
-    assert "missing layers.2." in error_of(path)
+    assert "the config says 3 layers, but the weights hold 2" in error_of(path)
+    (path / "model.safetensors").rename(path / "renamed.safetensors")
+    write_json(path / "config.json", cfg)
+    with safe_open(str(path / "renamed.safetensors"), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys() if "layers.1.mlp.up_proj" not in k}, path / "model.safetensors")
+    (path / "renamed.safetensors").unlink()
+    assert "missing layers.1.mlp.up_proj.weight" in error_of(path)
 
 
 def test_truncated_safetensors(tiny_hf_dir):

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from conftest import killed_at_write
 from pocketquant.checkpoints import load_model
 from pocketquant.errors import PocketQuantError
 from pocketquant.layers import FakeQuantLinear, QuantLinear
@@ -153,8 +154,28 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(tiny_text_dir, tmp_
     assert again == losses
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    with pytest.raises(PocketQuantError, match="different training run"):
+    with pytest.raises(PocketQuantError, match="other settings or another model"):
         train(_model(tiny_text_dir), _model(tiny_text_dir), TrainConfig(SCHEME, steps=3), ids, mask, tmp_path / "b")
+
+
+def test_a_kill_at_any_write_of_the_training_state_resumes_to_the_same_result(tiny_text_dir, tmp_path, monkeypatch):
+    ids, mask = _examples(6)
+    config = TrainConfig(SCHEME, qat=True, lora=True, steps=2, lora_steps=1, lr=1e-3, lora_lr=1e-2, warmup=1,
+                         rank=4, checkpoint_every=1, distill=0.0)
+    whole, losses = train(_model(tiny_text_dir), None, config, ids, mask)
+    for k in range(1, 20):
+        state, finished = tmp_path / f"state-{k}", True
+        with killed_at_write(monkeypatch, k, during=k % 2 == 0):
+            try:
+                train(_model(tiny_text_dir), None, config, ids, mask, state)
+            except KeyboardInterrupt:
+                finished = False
+        resumed, again = train(_model(tiny_text_dir), None, config, ids, mask, state)
+        assert again == losses, f"killed at write {k}"
+        assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+        if finished:
+            break
+    assert k == 10  # the first manifest, then three writes for each of the three steps
 
 
 TORCHRUN_SCRIPT = """

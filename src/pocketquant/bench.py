@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pocketquant.errors import PocketQuantError
+from pocketquant.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -181,11 +182,15 @@ def bench(packed: str, float_source: str | None, llama_cpp: bool = False, refere
           settings: Settings = Settings(), progress=print, also: tuple[str, ...] = ()) -> dict:
     """Benchmark the packed model against its float source and peers; ratios are against the first.
     `also`: more packed files (e.g. the same weights with an int8 KV cache), each its own column."""
+    from pocketquant.checkpoints import check_length
+    from pocketquant.packed import read_header
     from pocketquant.runtime import kernels
 
     for path in (packed, *also):
         if not Path(path).is_file():
             raise PocketQuantError(f"no such packed file: {path}")
+        length = settings.prompt_tokens + settings.decode_tokens + 1
+        check_length(read_header(Path(path)).config, length, f"{path}: a prompt and its decoded tokens")
     configs = [Config("pocketquant int4-eo8", "pocketquant", packed)]
     configs += [Config(f"pocketquant {Path(p).stem}", "pocketquant", p) for p in also]
     if float_source:
@@ -247,8 +252,6 @@ def table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str):
-    from pocketquant.packed import atomic_write
-
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
 
 
@@ -266,5 +269,5 @@ def plot(result: dict, path: str):
         ax.set_title(title)
         ax.set_xticks(range(len(cfgs)), labels, rotation=25, ha="right", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from pocketquant.errors import PocketQuantError
@@ -18,6 +19,51 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        problems = wrong_types(self)
+        if not problems and not (0 < self.low_freq_factor < self.high_freq_factor and self.factor > 0
+                                 and self.original_max_position_embeddings > 0):
+            problems = [f"factors {self.factor}, {self.low_freq_factor}, {self.high_freq_factor} and original "
+                        f"context {self.original_max_position_embeddings} must be positive, low < high"]
+        if problems:
+            raise PocketQuantError("invalid RoPE scaling: " + "; ".join(problems))
+
+
+# Sizes beyond these come from a damaged or hostile file, not from a model this project can run.
+LIMITS = {"dim": 1 << 16, "n_layers": 1 << 10, "n_heads": 1 << 10, "n_kv_heads": 1 << 10, "ffn_dim": 1 << 18,
+          "vocab_size": 1 << 22, "head_dim": 1 << 10, "max_seq_len": 1 << 22}
+
+
+def _fields_of(cls, d, what: str) -> dict:
+    """A copy of `d` (a JSON object) with only the dataclass `cls`'s fields, or a clear error."""
+    if not isinstance(d, dict):
+        raise PocketQuantError(f"invalid {what}: expected a JSON object, got {type(d).__name__}")
+    fields = dataclasses.fields(cls)
+    unknown = set(d) - {f.name for f in fields}
+    missing = [f.name for f in fields if f.name not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if unknown or missing:
+        raise PocketQuantError(f"invalid {what}: unknown fields {sorted(unknown)}, missing fields {missing}")
+    return dict(d)
+
+
+def wrong_types(obj) -> list[str]:
+    """Fields of a config dataclass whose value has the wrong type (ints: no bools or floats; floats: finite
+    numbers; bools: true/false). Integral numbers of other kinds (NumPy's) become plain ints."""
+    problems = []
+    for f in dataclasses.fields(obj):
+        value, kind = getattr(obj, f.name), f.type
+        if kind == "int" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            object.__setattr__(obj, f.name, int(value))
+        elif kind == "float" and isinstance(value, numbers.Real) and not isinstance(value, bool) \
+                and math.isfinite(value):
+            object.__setattr__(obj, f.name, float(value))
+        elif kind in ("int", "float", "bool", "str"):
+            ok = isinstance(value, bool) if kind == "bool" else isinstance(value, str) if kind == "str" else False
+            if not ok:
+                problems.append(f"{f.name} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}"[:200])
+    return problems
 
 
 @dataclass(frozen=True)
@@ -43,14 +89,19 @@ class ModelConfig:
     name: str = field(default="", compare=False)
 
     def __post_init__(self):
-        if self.head_dim == 0:
+        problems = wrong_types(self)
+        if problems:  # e.g. a string or null in a config file where a number goes
+            raise PocketQuantError("invalid model config: " + "; ".join(problems))
+        if self.head_dim == 0 and self.n_heads > 0:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
-        if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
-        problems = []
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if value <= 0:
+                problems.append(f"{name}={value} must be positive")
+            elif value > limit:  # a damaged or hostile file: refuse before anything is allocated
+                problems.append(f"{name}={value} is beyond any supported model (at most {limit:,})")
+        if not (0 < self.norm_eps < 1 and 0 < self.rope_theta < 1e12):
+            problems.append(f"norm_eps={self.norm_eps} and rope_theta={self.rope_theta} must be positive and finite")
         if self.n_heads > 0 and self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
@@ -63,10 +114,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise PocketQuantError(f"unknown model config fields: {sorted(unknown)}")
+        d = _fields_of(cls, d, "model config")
+        if isinstance(d.get("rope_scaling"), dict):
+            d["rope_scaling"] = RopeScaling(**_fields_of(RopeScaling, d["rope_scaling"], "RoPE scaling"))
+        elif not isinstance(d.get("rope_scaling"), (RopeScaling, type(None))):
+            raise PocketQuantError(f"invalid model config: rope_scaling must be an object, got {d['rope_scaling']!r}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -79,6 +131,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict, name: str = "") -> "ModelConfig":
         """Build from a Hugging Face `config.json` dict (transformers 4 or 5 spelling)."""
+        if not isinstance(hf, dict):
+            raise PocketQuantError(f"a config must be a JSON object, got {type(hf).__name__}")
         arch = hf.get("model_type")
         if arch != "llama":
             archs = hf.get("architectures") or []
@@ -86,16 +140,17 @@ class ModelConfig:
                 f"unsupported architecture: model_type={arch!r} architectures={archs}; "
                 "only Llama-architecture models (model_type 'llama') are supported")
         rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise PocketQuantError(f"rope_scaling must be an object, got {rope!r}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise PocketQuantError(f"unsupported RoPE scaling type {rope_type!r}; expected 'llama3' or none")
         scaling = None
         if rope_type == "llama3":
             scaling = RopeScaling(
-                factor=float(rope["factor"]),
-                low_freq_factor=float(rope["low_freq_factor"]),
-                high_freq_factor=float(rope["high_freq_factor"]),
-                original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+                factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                high_freq_factor=rope["high_freq_factor"],
+                original_max_position_embeddings=rope["original_max_position_embeddings"])
         if hf.get("attention_bias") or hf.get("mlp_bias"):
             raise PocketQuantError("unsupported: Llama variants with attention or MLP biases")
         act = hf.get("hidden_act", "silu")
@@ -106,32 +161,38 @@ class ModelConfig:
             dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=hf.get("num_key_value_heads") or n_heads,
             ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            head_dim=hf.get("head_dim") or 0,  # 0: dim // n_heads
             norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
             rope_scaling=scaling, max_seq_len=hf.get("max_position_embeddings", 2048),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), name=name)
+            tie_embeddings=hf.get("tie_word_embeddings") or False, name=name)
 
     @classmethod
     def from_meta(cls, params: dict, name: str = "") -> "ModelConfig":
         """Build from Meta's `params.json` (llama-models layout)."""
-        dim = params["dim"]
+        if not isinstance(params, dict):
+            raise PocketQuantError(f"params must be a JSON object, got {type(params).__name__}")
+        dim, multiple_of = params["dim"], params.get("multiple_of", 256)
+        multiplier = params.get("ffn_dim_multiplier") or 1.0
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= LIMITS["dim"]
+                   for v in (dim, multiple_of)) or not isinstance(multiplier, (int, float)) or not 0 < multiplier < 64:
+            raise PocketQuantError(f"invalid model config: dim={dim!r}, multiple_of={multiple_of!r} and "
+                                   f"ffn_dim_multiplier={multiplier!r} must be positive numbers of sane size")
         hidden = int(2 * 4 * dim / 3)
         if params.get("ffn_dim_multiplier") is not None:
-            hidden = int(params["ffn_dim_multiplier"] * hidden)
-        multiple_of = params.get("multiple_of", 256)
+            hidden = int(multiplier * hidden)
         hidden = multiple_of * math.ceil(hidden / multiple_of)
         scaling = None
         if params.get("use_scaled_rope"):
             # Meta's reference code (llama-models) scales by 8 for every Llama 3 checkpoint.
-            scaling = RopeScaling(factor=float(params.get("rope_scaling_factor") or 8.0),
-                                  high_freq_factor=float(params.get("rope_high_freq_factor") or 4.0))
+            scaling = RopeScaling(factor=params.get("rope_scaling_factor") or 8.0,
+                                  high_freq_factor=params.get("rope_high_freq_factor") or 4.0)
         n_heads = params["n_heads"]
         return cls(
             dim=dim, n_layers=params["n_layers"], n_heads=n_heads,
             n_kv_heads=params.get("n_kv_heads") or n_heads, ffn_dim=hidden,
             vocab_size=params["vocab_size"], norm_eps=params.get("norm_eps", 1e-5),
-            rope_theta=float(params.get("rope_theta", 10000.0)), rope_scaling=scaling,
+            rope_theta=params.get("rope_theta", 10000.0), rope_scaling=scaling,
             max_seq_len=params.get("max_seq_len", 8192), tie_embeddings=False, name=name)
 
 

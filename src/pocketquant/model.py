@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pocketquant.config import ModelConfig, RopeScaling
+from pocketquant.errors import PocketQuantError
 from pocketquant.hadamard import hadamard_transform
 from pocketquant.numerics import fake_quant_per_token, quantize_per_token
 
@@ -140,6 +142,14 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def physical_memory() -> int:
+    """Bytes of RAM (no limit where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
 class Transformer(nn.Module):
     """A Llama-architecture decoder. `forward(tokens [B, T], caches, start_pos) -> logits [B, T, V]`."""
 
@@ -190,6 +200,11 @@ class Transformer(nn.Module):
                    dtype: torch.dtype | None = None) -> list[KVCache]:
         """One preallocated KV cache per layer."""
         cfg = self.config
+        length = max_seq_len or cfg.max_seq_len
+        need = 2 * cfg.n_layers * batch * cfg.n_kv_heads * length * cfg.head_dim * (dtype or self.dtype).itemsize
+        if need > physical_memory():
+            raise PocketQuantError(f"a KV cache of {batch} x {length:,} tokens needs {need / 2**30:,.1f} GiB, more "
+                                   "than this machine's memory: ask for fewer tokens")
         return [KVCache(batch, max_seq_len or cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim,
                         dtype or self.dtype, self.device, self.kv_cache_bits) for _ in range(cfg.n_layers)]
 

@@ -4,7 +4,6 @@ self-describing header (format + version, model config, scheme, recipe, tokenize
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 
 from pocketquant.config import ModelConfig
 from pocketquant.errors import PocketQuantError
+from pocketquant.files import atomic_write
 from pocketquant.scheme import QuantScheme
 
 FORMAT_NAME = "pocketquant.packed"
@@ -28,13 +28,14 @@ class PackedHeader:
     lora: dict | None = None  # {"rank", "scale", "dtype"} of the LoRA adapters the file holds
 
 
-def is_packed(path: Path) -> bool:
+def is_packed(path: Path, damaged: bool = True) -> bool:
+    """Whether `path` is a packed file; `damaged` is the answer for an unreadable .safetensors file."""
     if not (path.is_file() and path.suffix == ".safetensors"):
         return False
     try:
         return _raw_metadata(path).get("format") == FORMAT_NAME
     except PocketQuantError:
-        return True  # a damaged file with our suffix: let the loader give the error
+        return damaged
 
 
 def _raw_metadata(path: Path) -> dict:
@@ -57,12 +58,20 @@ def read_header(path: Path) -> PackedHeader:
         raise PocketQuantError(f"{path}: packed format version {version!r} is not supported; this "
                                f"pocketquant reads version {FORMAT_VERSION.split('.')[0]}.x (upgrade pocketquant)")
     try:
-        return PackedHeader(ModelConfig.from_json(meta["config"]), QuantScheme.from_json(meta["scheme"]),
-                            json.loads(meta["recipe"]),
-                            json.loads(meta["tokenizer"]) if meta.get("tokenizer") else None, version,
-                            json.loads(meta["lora"]) if meta.get("lora") else None)
-    except (KeyError, json.JSONDecodeError) as e:
-        raise PocketQuantError(f"{path}: damaged packed header ({e!r})") from e
+        header = PackedHeader(ModelConfig.from_json(meta["config"]), QuantScheme.from_json(meta["scheme"]),
+                              json.loads(meta["recipe"]),
+                              json.loads(meta["tokenizer"]) if meta.get("tokenizer") else None, version,
+                              json.loads(meta["lora"]) if meta.get("lora") else None)
+        lora = header.lora
+        if lora is not None and not (isinstance(lora.get("rank"), int) and 0 < lora["rank"] <= 4096
+                                     and isinstance(lora.get("scale"), (int, float))
+                                     and lora.get("dtype") in ("bfloat16", "float16", "float32")):
+            raise ValueError(f"lora {lora}")
+        return header
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
+        raise PocketQuantError(f"{path}: damaged packed header ({type(e).__name__}: {str(e)[:200]})") from e
+    except PocketQuantError as e:
+        raise PocketQuantError(f"{path}: {e}") from e
 
 
 def packed_tensors(model) -> dict[str, torch.Tensor]:
@@ -113,46 +122,24 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
             f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp) and rename tmp to `path`; after any failure (or a kill) `path` is untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.partial-*"):
-        if not _alive(stale.name.rsplit("-", 1)[1]):
-            stale.unlink(missing_ok=True)  # left by a writer that was killed
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def load_packed(path: Path, dtype: torch.dtype = torch.float32):
     """Load a packed file -> (model with QuantLinear modules, tokenizer or None, header)."""
     from safetensors import SafetensorError, safe_open
 
-    from pocketquant.checkpoints.common import fill_model
+    from pocketquant.checkpoints.common import check_layer_count, fill_model
     from pocketquant.layers import LoRA, quantized_skeleton
     from pocketquant.model import Transformer
     from pocketquant.tokenizer import Tokenizer
 
     header = read_header(path)
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise PocketQuantError(f"{path}: damaged tensor data: {e}") from e
+    check_layer_count(header.config, handle.keys(), str(path))
     with torch.device("meta"):
         model = quantized_skeleton(Transformer(header.config), header.scheme, dtype)
     try:
-        handle = safe_open(str(path), framework="pt")
         tensors = {k: (lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
         if header.lora:
             with torch.device("meta"):
@@ -162,7 +149,10 @@ def load_packed(path: Path, dtype: torch.dtype = torch.float32):
                         base.lora = LoRA(base.in_features, base.out_features, header.lora["rank"],
                                          header.lora["scale"], getattr(torch, header.lora["dtype"]))
         model = fill_model(model, tensors, dtype, str(path))
-    except SafetensorError as e:
+    except (SafetensorError, AttributeError) as e:  # AttributeError: an adapter of no module
         raise PocketQuantError(f"{path}: damaged tensor data: {e}") from e
-    tokenizer = Tokenizer.from_spec(header.tokenizer) if header.tokenizer else None
+    try:
+        tokenizer = Tokenizer.from_spec(header.tokenizer) if header.tokenizer else None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise PocketQuantError(f"{path}: damaged tokenizer in the packed header ({e!r})") from e
     return model, tokenizer, header

@@ -10,6 +10,7 @@ import fnmatch
 import json
 from dataclasses import dataclass
 
+from pocketquant.config import wrong_types
 from pocketquant.errors import PocketQuantError
 
 # signed-max (llama.cpp Q4_0): scale = w / -2^(b-1) for the largest-magnitude w, which lands on the -8 level;
@@ -28,6 +29,8 @@ class WeightSpec:
     scale_dtype: str = "float16"
 
     def __post_init__(self):
+        if problems := wrong_types(self):
+            raise PocketQuantError("invalid weight spec: " + "; ".join(problems))
         if self.bits not in (4, 8):
             raise PocketQuantError(f"weight bits must be 4 or 8, got {self.bits}")
         if self.group_size < 0:
@@ -49,6 +52,8 @@ class ActSpec:
     symmetric: bool = False
 
     def __post_init__(self):
+        if problems := wrong_types(self):
+            raise PocketQuantError("invalid activation spec: " + "; ".join(problems))
         if self.bits != 8:
             raise PocketQuantError(f"activation bits must be 8, got {self.bits}")
 
@@ -75,6 +80,10 @@ class QuantScheme:
     share_embedding_output: bool = False  # one int8 table for a tied embedding and output
 
     def __post_init__(self):
+        if problems := wrong_types(self):
+            raise PocketQuantError("invalid scheme: " + "; ".join(problems))
+        if not all(isinstance(p, str) and isinstance(s, (LinearSpec, type(None))) for p, s in self.overrides):
+            raise PocketQuantError("invalid scheme: overrides must be [pattern, spec or null] pairs")
         if self.kv_cache_bits not in (None, 8):
             raise PocketQuantError(f"kv_cache_bits must be None or 8, got {self.kv_cache_bits}")
         if self.embedding is not None and self.embedding.group_size != 0:
@@ -103,8 +112,8 @@ class QuantScheme:
                 embedding=None if d.get("embedding") is None else WeightSpec(**d["embedding"]),
                 kv_cache_bits=d.get("kv_cache_bits"),
                 overrides=tuple((p, _linear(s)) for p, s in d.get("overrides", ())),
-                share_embedding_output=bool(d.get("share_embedding_output", False)))
-        except (KeyError, TypeError) as e:
+                share_embedding_output=d.get("share_embedding_output", False))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PocketQuantError(f"not a valid quantization scheme: {e}") from e
 
     @classmethod

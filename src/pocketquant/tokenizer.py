@@ -3,10 +3,13 @@ BPE tokenizer embedded in a GGUF file; chat templates rendered with Jinja as Hug
 
 from __future__ import annotations
 
-import json
+import functools
+import sys
+import time
 from pathlib import Path
 
 from pocketquant.errors import PocketQuantError
+from pocketquant.files import read_json
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
@@ -89,19 +92,71 @@ def _default_template(special: dict[str, int]) -> str | None:
     return None
 
 
+# A chat template is code from the model's files: its rendering is sandboxed and bounded.
+RENDER_SECONDS = 2.0
+RENDER_CHARS = 1 << 24
+_TEMPLATE_FILE = "<chat template>"
+
+
 def _render(template: str, **context) -> str:
-    from jinja2 import TemplateError
+    """Render a chat template in Jinja's sandbox, within RENDER_SECONDS and RENDER_CHARS."""
+    compiled = _compile_template(template)
+    deadline = time.monotonic() + RENDER_SECONDS
+
+    def check_time(frame, event, arg):  # traces the lines of the template's own code only
+        if time.monotonic() > deadline:
+            raise PocketQuantError(f"chat template: rendering took longer than {RENDER_SECONDS:g} s; refusing it")
+        return check_time
+
+    previous = sys.gettrace()
+    sys.settrace(lambda frame, event, arg: check_time if frame.f_code.co_filename == _TEMPLATE_FILE else None)
+    try:
+        pieces, size = [], 0
+        for piece in compiled.generate(**context):
+            size += len(piece)
+            if size > RENDER_CHARS:
+                raise PocketQuantError(f"chat template: the text grew past {RENDER_CHARS:,} characters; refusing it")
+            pieces.append(piece)
+        return "".join(pieces)
+    except PocketQuantError:
+        raise
+    except Exception as e:  # the template's own code failed (a TemplateError, or a TypeError on odd input)
+        raise PocketQuantError(f"chat template failed to render: {type(e).__name__}: {e}") from e
+    finally:
+        sys.settrace(previous)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(template: str):
+    try:
+        return _template_environment().from_string(template)
+    except Exception as e:  # a TemplateSyntaxError, or a template too deeply nested to compile
+        raise PocketQuantError(f"chat template cannot be compiled: {type(e).__name__}: {e}") from e
+
+
+@functools.lru_cache(maxsize=1)
+def _template_environment():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Environment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            # "x" * 10**10 or 10**10**10 would allocate or compute for ever inside one operation
+            sizes = [abs(v) for v in (left, right) if isinstance(v, int)]
+            if (operator == "**" and sizes and max(sizes) > 64) or max(sizes, default=0) > RENDER_CHARS:
+                raise PocketQuantError(f"chat template: {left!r:.20} {operator} {right!r:.20} is too large")
+            return super().call_binop(context, operator, left, right)
+
+        def _compile(self, source, filename):
+            return compile(source, _TEMPLATE_FILE, "exec")
 
     def raise_exception(message):
         raise PocketQuantError(f"chat template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = Environment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template).render(**context)
-    except TemplateError as e:
-        raise PocketQuantError(f"chat template failed to render: {e}") from e
+    return env
 
 
 class _HFBackend:
@@ -152,21 +207,32 @@ def from_hf_dir(path: Path) -> Tokenizer:
     except Exception as e:  # tokenizers raises a bare Exception on a malformed file
         raise PocketQuantError(f"{path / 'tokenizer.json'}: cannot be read: {e}") from e
     cfg_path = path / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    cfg = read_json(cfg_path) if cfg_path.exists() else {}
+    if not isinstance(cfg, dict):
+        raise PocketQuantError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     special = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
-    bos, eos = _token_str(cfg.get("bos_token")), _token_str(cfg.get("eos_token"))
+    bos, eos = _token_str(cfg.get("bos_token"), cfg_path), _token_str(cfg.get("eos_token"), cfg_path)
     # The tokenizer's own post-processor tells whether the model expects BOS.
     add_bos = bool(bos) and tok.encode("", add_special_tokens=True).ids[:1] == [special.get(bos)]
     template = cfg.get("chat_template")
     if (path / "chat_template.jinja").exists():  # where newer transformers save it
-        template = (path / "chat_template.jinja").read_text()
+        from pocketquant.data import read_text
+
+        template = read_text(path / "chat_template.jinja")
     if isinstance(template, list):  # several named templates: take the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if not isinstance(template, (str, type(None))):
+        raise PocketQuantError(f"{cfg_path}: chat_template must be a string or a list of named templates")
     return Tokenizer(_HFBackend(tok), special, bos, eos, add_bos, template)
 
 
-def _token_str(tok) -> str | None:
-    return tok.get("content") if isinstance(tok, dict) else tok
+def _token_str(tok, where: Path) -> str | None:
+    """A special token as tokenizer_config.json gives it: a string, {"content": string} or null."""
+    tok = tok.get("content") if isinstance(tok, dict) else tok
+    if not isinstance(tok, (str, type(None))):
+        raise PocketQuantError(f"{where}: a special token must be a string, got {tok!r:.60}")
+    return tok
 
 
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",

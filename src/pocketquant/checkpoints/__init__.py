@@ -69,6 +69,23 @@ def load_model(source: str | Path, dtype: str | torch.dtype = torch.float32) -> 
     return LoadedModel(*_load_path(where, dtype), str(where))
 
 
+def load_float_model(source: str | Path, dtype: str | torch.dtype = torch.float32) -> LoadedModel:
+    """`load_model` for the algorithms that start from float weights: a packed file is refused."""
+    from pocketquant.packed import is_packed
+
+    if is_packed(Path(str(source))):
+        raise PocketQuantError(f"{source} is already quantized (a pocketquant packed file); start from its float "
+                               "model instead")
+    return load_model(source, dtype)
+
+
+def check_length(config, tokens: int, what: str):
+    """Refuse sequences longer than the model's context (its RoPE was never trained past it)."""
+    if tokens > config.max_seq_len:
+        raise PocketQuantError(f"{what} of {tokens:,} tokens is beyond the model's context of "
+                               f"{config.max_seq_len:,} tokens")
+
+
 def _load_path(path: Path, dtype):
     from pocketquant import packed
     from pocketquant import tokenizer as tk
@@ -87,6 +104,8 @@ def _load_path(path: Path, dtype):
     if meta.is_meta_dir(path):
         has_tok = (path / "tokenizer.model").exists()
         return meta.load_meta(path, dtype), tk.from_llama3_model(path / "tokenizer.model") if has_tok else None
+    if not path.is_file() and not path.is_dir():
+        raise PocketQuantError(f"{path}: not a regular file or directory")
     if path.is_dir():
         raise PocketQuantError(f"{path}: no model found (expected config.json + safetensors, "
                                "params.json + consolidated.00.pth, or a .gguf file)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 
 import torch
@@ -39,9 +40,18 @@ def assemble(config: ModelConfig, tensors: TensorSource, dtype: torch.dtype, sou
 
     Tensors are read one at a time, so peak memory is about the model in `dtype` plus one tensor.
     """
+    check_layer_count(config, tensors, source)
     with torch.device("meta"):
         model = Transformer(config)
     return fill_model(model, tensors, dtype, source)
+
+
+def check_layer_count(config: ModelConfig, names, source: str):
+    """Refuse a config whose number of layers the tensor names do not bear out, before a model is built."""
+    found = {int(m.group(1)) for n in names if (m := re.match(r"layers\.(\d+)\.", n))}
+    if found != set(range(config.n_layers)):
+        raise PocketQuantError(f"{source}: the config says {config.n_layers} layers, but the weights hold "
+                               f"{len(found)} (numbered up to {max(found, default=-1)})")
 
 
 def fill_model(model: Transformer, tensors: TensorSource, dtype: torch.dtype, source: str) -> Transformer:
@@ -68,6 +78,10 @@ def fill_model(model: Transformer, tensors: TensorSource, dtype: torch.dtype, so
                                    f"the config expects {list(want.shape)}")
         if name not in params and t.dtype != want.dtype:
             raise PocketQuantError(f"{source}: tensor {name} is {t.dtype}, expected {want.dtype}")
+        if name in params and not t.is_floating_point():
+            raise PocketQuantError(f"{source}: tensor {name} is {t.dtype}, expected floating-point weights")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PocketQuantError(f"{source}: tensor {name} holds NaN or infinite values (a damaged file?)")
         state[name] = t.to(dtype) if name in params else t
     model.load_state_dict(state, strict=False, assign=True)
     tie_output(model)

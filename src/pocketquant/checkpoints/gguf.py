@@ -46,15 +46,18 @@ def read_config(reader, path: Path) -> ModelConfig:
     dim = field(reader, p + "embedding_length")
     vocab = field(reader, p + "vocab_size") or len(field(reader, "tokenizer.ggml.tokens", []))
     names = {t.name for t in reader.tensors}
-    config = ModelConfig(
-        dim=dim, n_layers=field(reader, p + "block_count"), n_heads=n_heads,
-        n_kv_heads=field(reader, p + "attention.head_count_kv") or n_heads,
-        ffn_dim=field(reader, p + "feed_forward_length"), vocab_size=vocab,
-        head_dim=field(reader, p + "attention.key_length") or dim // n_heads,
-        norm_eps=float(field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(field(reader, p + "rope.freq_base", 10000.0)),
-        max_seq_len=field(reader, p + "context_length", 2048),
-        tie_embeddings="output.weight" not in names, name=path.stem)
+    try:
+        config = ModelConfig(
+            dim=dim, n_layers=field(reader, p + "block_count"), n_heads=n_heads,
+            n_kv_heads=field(reader, p + "attention.head_count_kv") or n_heads,
+            ffn_dim=field(reader, p + "feed_forward_length"), vocab_size=vocab,
+            head_dim=field(reader, p + "attention.key_length") or 0,  # 0: dim // n_heads
+            norm_eps=field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=field(reader, p + "rope.freq_base", 10000.0),
+            max_seq_len=field(reader, p + "context_length", 2048),
+            tie_embeddings="output.weight" not in names, name=path.stem)
+    except PocketQuantError as e:
+        raise PocketQuantError(f"{path}: {e}") from e
     if "rope_freqs.weight" in names:
         config = _with_llama3_rope(config, reader, path)
     return config

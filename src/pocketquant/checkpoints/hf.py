@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -10,6 +9,7 @@ from safetensors import SafetensorError, safe_open
 from pocketquant.checkpoints.common import TensorSource, assemble
 from pocketquant.config import ModelConfig
 from pocketquant.errors import PocketQuantError
+from pocketquant.files import read_json
 
 SKIPPED = ("rotary_emb.inv_freq",)
 
@@ -19,20 +19,27 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def read_config(path: Path) -> ModelConfig:
-    try:
-        hf = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise PocketQuantError(f"{path / 'config.json'} is not valid JSON: {e}") from e
+    f = path / "config.json"
+    hf = read_json(f)
     try:
         return ModelConfig.from_hf(hf, name=path.name)
     except KeyError as e:
-        raise PocketQuantError(f"{path / 'config.json'} lacks the field {e}") from e
+        raise PocketQuantError(f"{f} lacks the field {e}") from e
+    except PocketQuantError as e:
+        raise PocketQuantError(f"{f}: {e}") from e
 
 
 def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        contents = read_json(index)
+        weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise PocketQuantError(f"{index}: expected {{\"weight_map\": {{tensor name: shard file}}}}")
+        shards = sorted(set(weight_map.values()))
+        outside = [s for s in shards if Path(s).name != s or s in (".", "..")]
+        if outside:  # an index may only name files beside it
+            raise PocketQuantError(f"{index} names shards outside the model directory: {outside[:3]}")
         missing = [s for s in shards if not (path / s).exists()]
         if missing:
             raise PocketQuantError(f"{path}: shards named in {index.name} are missing: {missing}")
@@ -72,5 +79,12 @@ def _getter(handle, key: str, f: Path):
 
 
 def load_hf(path: Path, dtype):
+    from pocketquant.packed import is_packed
+
     config = read_config(path)
-    return assemble(config, tensor_source(weight_files(path)), dtype, str(path))
+    files = weight_files(path)
+    packed = [f.name for f in files if is_packed(f, damaged=False)]
+    if packed:
+        raise PocketQuantError(f"{path}: {packed[0]} is a pocketquant packed file, not Hugging Face weights; "
+                               "give its path on its own")
+    return assemble(config, tensor_source(files), dtype, str(path))

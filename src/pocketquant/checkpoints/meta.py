@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from pocketquant.checkpoints.common import assemble, interleaved_to_half
 from pocketquant.config import ModelConfig
 from pocketquant.errors import PocketQuantError
+from pocketquant.files import read_json
 
 _LAYER_NAMES = {
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
@@ -50,10 +50,13 @@ def read_state(pth: Path) -> dict[str, torch.Tensor]:
 
 
 def load_meta(path: Path, dtype):
+    params = read_json(path / "params.json")
     try:
-        config = ModelConfig.from_meta(json.loads((path / "params.json").read_text()), name=path.name)
-    except (json.JSONDecodeError, KeyError) as e:
-        raise PocketQuantError(f"{path / 'params.json'}: not a valid Llama params file ({e!r})") from e
+        config = ModelConfig.from_meta(params, name=path.name)
+    except KeyError as e:
+        raise PocketQuantError(f"{path / 'params.json'}: not a valid Llama params file (no field {e})") from e
+    except PocketQuantError as e:
+        raise PocketQuantError(f"{path / 'params.json'}: {e}") from e
     shards = sorted(path.glob("consolidated.*.pth"))
     if len(shards) != 1:
         raise PocketQuantError(

@@ -38,6 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     except PocketQuantError as e:
         print(f"pocketquant {args.verb}: error: {e}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "allocate" not in str(e):
+            raise  # a bug, not the machine: keep the traceback
+        print(f"pocketquant {args.verb}: error: out of memory ({_first_line(e)}); try a smaller model, fewer "
+              "tokens or a smaller batch", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]

@@ -26,9 +26,13 @@ def run(args) -> int:
 
     from pocketquant.bench import Settings, bench, plot, table, write_json
     from pocketquant.errors import PocketQuantError
+    from pocketquant.files import check_output
 
     if min(args.threads, args.prompt_tokens, args.decode_tokens, args.repeats) < 1:
         raise PocketQuantError("--threads, --prompt-tokens, --decode-tokens and --repeats must be >= 1")
+    for out, suffix in ((args.json, None), (args.plot, ".png")):
+        if out:  # refused now, not after the benchmark
+            check_output(out, [args.packed, args.float_source, *args.also], suffix)
     settings = Settings(args.threads, args.prompt_tokens, args.decode_tokens, args.repeats)
     result = bench(args.packed, args.float_source, args.llama_cpp, args.reference, settings,
                    progress=lambda m: print(m, file=sys.stderr), also=tuple(args.also))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from pocketquant.cli.common import add_model_options, add_sampling_options, open_model, sampling_from
+from pocketquant.cli.common import add_model_options, add_sampling_options, open_model, sampling_from, utf8_text
 
 
 def register(p):
@@ -15,11 +15,13 @@ def register(p):
 
 
 def run(args) -> int:
+    from pocketquant.errors import PocketQuantError
     from pocketquant.runtime.chat import ChatSession
 
     sampling = sampling_from(args)
+    system = args.system and utf8_text(args.system, "--system")
     loaded = open_model(args)
-    session = ChatSession(loaded.model, loaded.tokenizer, args.system)
+    session = ChatSession(loaded.model, loaded.tokenizer, system)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Type a message; an empty line or Ctrl-D ends the chat.", file=sys.stderr)
@@ -27,10 +29,13 @@ def run(args) -> int:
         if interactive:
             sys.stderr.write("> ")
             sys.stderr.flush()
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError as e:
+            raise PocketQuantError(f"the input is not valid UTF-8 text ({e.reason} at byte {e.start})") from e
         if not line.strip():
             return 0
-        for piece in session.send(line.rstrip("\n"), args.max_new_tokens, sampling):
+        for piece in session.send(utf8_text(line.rstrip("\n"), "the input"), args.max_new_tokens, sampling):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -23,6 +23,10 @@ def add_sampling_options(p: argparse.ArgumentParser):
 
 
 def set_threads(threads: int | None):
+    """Use `threads` CPU threads: at least 1, and no more than the CPUs this process may run on (more only
+    slow every kernel down)."""
+    import sys
+
     import torch
 
     from pocketquant.errors import PocketQuantError
@@ -30,7 +34,29 @@ def set_threads(threads: int | None):
     if threads is not None:
         if threads < 1:
             raise PocketQuantError(f"--threads must be >= 1, got {threads}")
+        cpus = available_cpus()
+        if threads > cpus:
+            print(f"pocketquant: --threads {threads} is more than the {cpus} CPUs available; using {cpus}",
+                  file=sys.stderr)
+            threads = cpus
         torch.set_num_threads(threads)
+
+
+def available_cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def utf8_text(text: str, what: str) -> str:
+    """`text` (from the command line or a terminal), refused when it is not valid UTF-8."""
+    from pocketquant.errors import PocketQuantError
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # undecodable bytes arrive as lone surrogates
+        raise PocketQuantError(f"{what} is not valid UTF-8 text ({e.reason} at position {e.start})") from e
+    return text
 
 
 def open_model(args):

@@ -10,7 +10,8 @@ def register(p):
                         "(default: the shipped evaluation text)")
     p.add_argument("--tasks", nargs="*", default=None, metavar="JSONL",
                    help="multiple-choice task files (default: the shipped basic-mc); give none to skip")
-    p.add_argument("--context", type=int, default=1024, help="tokens per scoring window (1024)")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per scoring window (default 1024, or the models' context if shorter)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: the context)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--fake-quant", default=None, metavar="SCHEME",
@@ -25,10 +26,17 @@ def register(p):
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from pocketquant.cli.common import set_threads
     from pocketquant.eval.report import table, write_json, write_report
     from pocketquant.eval.run import evaluate
+    from pocketquant.files import check_output
 
+    inputs = [*args.models, args.data, *(args.tasks or [])]
+    outputs = [args.json] + ([Path(args.report) / "report.md", Path(args.report) / "plot.png"] if args.report else [])
+    for out in filter(None, outputs):  # refused now, not after the evaluation
+        check_output(out, inputs)
     set_threads(args.threads)
     result = evaluate(args.models, args.data, args.tasks, args.context, args.stride, args.limit,
                       args.fake_quant, args.dtype, runtime=args.runtime)

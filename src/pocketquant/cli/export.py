@@ -15,7 +15,9 @@ def register(p):
 def run(args) -> int:
     from pocketquant.checkpoints import load_model
     from pocketquant.export.gguf import export_gguf
+    from pocketquant.files import check_output
 
+    check_output(args.output, [args.model], suffix=".gguf")
     loaded = load_model(args.model)
     path = export_gguf(loaded.model, loaded.tokenizer, args.output, args.type)
     print(f"wrote {path} ({path.stat().st_size:,} bytes)")

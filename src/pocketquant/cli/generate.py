@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from pocketquant.cli.common import add_model_options, add_sampling_options, open_model, sampling_from
+from pocketquant.cli.common import add_model_options, add_sampling_options, open_model, sampling_from, utf8_text
 
 
 def register(p):
@@ -20,13 +20,14 @@ def run(args) -> int:
     from pocketquant.runtime.generate import stream_text
 
     sampling = sampling_from(args)
+    prompt, system = utf8_text(args.prompt, "--prompt"), args.system and utf8_text(args.system, "--system")
     loaded = open_model(args)
     tok = loaded.tokenizer
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        ids = tok.encode_chat(messages + [{"role": "user", "content": args.prompt}])
+        messages = ([{"role": "system", "content": system}] if system else [])
+        ids = tok.encode_chat(messages + [{"role": "user", "content": prompt}])
     else:
-        ids = tok.encode(args.prompt)
+        ids = tok.encode(prompt)
     for piece in stream_text(loaded.model, tok, ids, args.max_new_tokens, sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()

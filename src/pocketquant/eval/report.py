@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from pocketquant.eval.run import EvalResult
+from pocketquant.files import atomic_write
 
 ROWS = [("ppl_token", "perplexity (token)", "{:.3f}"), ("ppl_word", "perplexity (word)", "{:.3f}"),
         ("kl_mean", "KL mean (nats)", "{:.5f}"), ("kl_median", "KL median", "{:.5f}"),
@@ -36,8 +37,6 @@ def table(result: EvalResult) -> str:
 
 
 def write_json(result: EvalResult, path: str | Path):
-    from pocketquant.packed import atomic_write
-
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(result.to_dict(), indent=2)))
 
 
@@ -50,7 +49,7 @@ def write_report(result: EvalResult, directory: str | Path) -> Path:
           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows(result)]
     md += ["", "![comparison](plot.png)", ""]
-    (directory / "report.md").write_text("\n".join(md))
+    atomic_write(directory / "report.md", lambda tmp: tmp.write_text("\n".join(md), encoding="utf-8"))
     plot(result, directory / "plot.png")
     return directory / "report.md"
 
@@ -75,5 +74,5 @@ def plot(result: EvalResult, path: Path):
     for ax in axes:
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

@@ -9,6 +9,7 @@ from pathlib import Path
 from pocketquant.errors import PocketQuantError
 
 SHIPPED_TASK = "basic-mc"
+DEFAULT_CONTEXT = 1024  # tokens per scoring window, or the shortest context of the models if less
 
 
 @dataclass
@@ -48,9 +49,12 @@ def load_text(data: str | Path | None) -> tuple[str, str]:
         for n, line in enumerate(read_text(path).splitlines(), 1):
             if line.strip():
                 try:
-                    texts.append(json.loads(line)["text"])
+                    text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise PocketQuantError(f"{path}:{n}: expected a JSON object with a \"text\" field") from e
+                if not isinstance(text, str):
+                    raise PocketQuantError(f"{path}:{n}: \"text\" must be a string, got {text!r:.60}")
+                texts.append(text)
         return "\n\n".join(texts), str(path)
     return read_text(path), str(path)
 
@@ -64,12 +68,13 @@ def task_files(tasks: list[str] | None) -> dict[str, Path]:
     return {Path(t).stem if t != SHIPPED_TASK else t: shipped if t == SHIPPED_TASK else Path(t) for t in tasks}
 
 
-def evaluate(sources: list[str], data: str | None = None, tasks: list[str] | None = None, context: int = 1024,
+def evaluate(sources: list[str], data: str | None = None, tasks: list[str] | None = None, context: int | None = None,
              stride: int | None = None, limit: int | None = None, fake_quant: str | None = None,
              dtype: str = "float32", progress: bool = True, runtime: str = "reference") -> EvalResult:
     """Load every model, score them on the same text and tasks; tasks=[] skips the tasks. Packed files run
     on the reference runtime by default: it is the scheme's definition (and, for long windows, today's
     faster path); runtime="fast" scores the native kernels instead."""
+    from pocketquant.checkpoints import check_length
     from pocketquant.eval.perplexity import score_text
     from pocketquant.eval.tasks import load_mc, score_mc
     from pocketquant.progress import bar as progress_bar
@@ -77,8 +82,10 @@ def evaluate(sources: list[str], data: str | None = None, tasks: list[str] | Non
 
     if not sources:
         raise PocketQuantError("name at least one model")
-    if context < 2 or (stride is not None and not 0 < stride <= context):
+    if (context is not None and context < 2) or (stride is not None and not 0 < stride <= (context or stride)):
         raise PocketQuantError(f"need context >= 2 and 0 < stride <= context, got {context} and {stride}")
+    if limit is not None and limit < 1:
+        raise PocketQuantError(f"--limit must be >= 1 token, got {limit}")
     text, text_name = load_text(data)
     mc = {name: load_mc(path) for name, path in task_files(tasks).items()}
     names, models, tokenizer = [], [], None
@@ -86,6 +93,8 @@ def evaluate(sources: list[str], data: str | None = None, tasks: list[str] | Non
         loaded = load(src, dtype, runtime)
         tokenizer = tokenizer or loaded.tokenizer
         _check_same_vocab(models, loaded, src)
+        if context is not None:
+            check_length(loaded.model.config, context, f"{src}: a scoring window (--context)")
         names.append(str(src))
         models.append(loaded.model)
     if fake_quant:
@@ -93,9 +102,14 @@ def evaluate(sources: list[str], data: str | None = None, tasks: list[str] | Non
         names.append(f"{sources[0]} (fake-quant {fake_quant})")
     if tokenizer is None:
         raise PocketQuantError("none of the models has a tokenizer to turn the text into tokens")
+    context = context or min(DEFAULT_CONTEXT, *(m.config.max_seq_len for m in models))
+    if stride is not None and stride > context:
+        raise PocketQuantError(f"need 0 < stride <= context, got {stride} and {context}")
     tokens = tokenizer.encode(text)
     if limit:
         tokens = tokens[:limit + 1]
+    if len(tokens) < 2:
+        raise PocketQuantError(f"{text_name}: the text has {len(tokens)} token(s); scoring needs at least 2")
     words = len(tokenizer.decode(tokens[1:]).split())
     bar = progress_bar if progress else None
     t0 = time.perf_counter()

@@ -28,14 +28,20 @@ def load_mc(path: str | Path) -> list[MCItem]:
     if not path.is_file():
         raise PocketQuantError(f"no such task file: {path}")
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    from pocketquant.data import read_text
+
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             d = json.loads(line)
-            item = MCItem(str(d["question"]), tuple(str(c) for c in d["choices"]), int(d["answer"]))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise PocketQuantError(f"{path}:{n}: expected {{\"question\", \"choices\", \"answer\"}} ({e!r})") from e
+            item = MCItem(d["question"], tuple(d["choices"]), d["answer"])
+            if not (isinstance(item.question, str) and isinstance(d["choices"], list)
+                    and all(isinstance(c, str) for c in item.choices)
+                    and isinstance(item.answer, int) and not isinstance(item.answer, bool)):
+                raise TypeError("question: a string, choices: a list of strings, answer: an integer index")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as e:
+            raise PocketQuantError(f"{path}:{n}: expected {{\"question\", \"choices\", \"answer\"}} ({e})") from e
         if len(item.choices) < 2 or not 0 <= item.answer < len(item.choices):
             raise PocketQuantError(f"{path}:{n}: answer {item.answer} is not an index into "
                                    f"{len(item.choices)} choices")

@@ -64,6 +64,8 @@ def _tensor(module_or_weight, qtype: str, permute_heads: int | None):
             return q4_0_blocks(scales, q), G.Q4_0
         if scales.shape[1] != 1:
             raise PocketQuantError("only per-channel int8 weights map to Q8_0")
+        if q.shape[1] % 32:
+            raise PocketQuantError(f"int8 rows of {q.shape[1]} weights do not map to Q8_0 blocks of 32")
         return q8_0_blocks(q, scales), G.Q8_0
     w = module_or_weight.detach().float()
     if permute_heads:
@@ -73,6 +75,9 @@ def _tensor(module_or_weight, qtype: str, permute_heads: int | None):
         return np.ascontiguousarray(a, dtype=np.float32), None
     if qtype == "F16":
         return a.astype(np.float16), None
+    if a.shape[-1] % 32:
+        raise PocketQuantError(f"rows of {a.shape[-1]} weights do not split into {qtype} blocks of 32; "
+                               "export as F16 or F32 (--type)")
     return gguf.quants.quantize(a, G[qtype]), G[qtype]
 
 
@@ -80,7 +85,7 @@ def export_gguf(model, tokenizer, path: str | Path, qtype: str = "Q4_0") -> Path
     """Write `model` as a GGUF file. Float weights are converted to `qtype`; packed ones keep their bytes."""
     import gguf
 
-    from pocketquant.packed import atomic_write
+    from pocketquant.files import atomic_write
 
     if qtype not in TYPES:
         raise PocketQuantError(f"unknown GGUF type {qtype!r}; expected one of {', '.join(TYPES)}")

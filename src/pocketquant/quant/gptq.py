@@ -8,8 +8,8 @@ After each layer the state is checkpointed, so a killed run resumes from the las
 
 from __future__ import annotations
 
-import json
-import shutil
+import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pocketquant.errors import PocketQuantError
+from pocketquant.files import StateDir, tensors_digest
 from pocketquant.layers import QuantLinear, check_plan, linear_plan, set_module
 from pocketquant.model import Transformer
 from pocketquant.numerics import check_finite, fake_quant_per_token, group_scales, quantize_with_scales
-from pocketquant.packed import atomic_write
 from pocketquant.quant.rtn import quantize_embedding
 from pocketquant.scheme import PRESETS, QuantScheme, WeightSpec
 
@@ -40,6 +40,13 @@ class GPTQConfig:
     # without it, RTN 13.41, float 10.60)
     act_order: bool = True
     block: int = 128  # columns updated together (a multiple of the group size)
+
+    def __post_init__(self):
+        if not 0 <= self.damp < math.inf:  # also refuses NaN
+            raise PocketQuantError(f"GPTQ damping must be a finite number >= 0, got {self.damp}")
+        if min(self.samples, self.seq_len, self.block) < 1:
+            raise PocketQuantError(f"GPTQ needs samples, seq_len and block >= 1, got {self.samples}, "
+                                   f"{self.seq_len} and {self.block}")
 
     def to_dict(self) -> dict:
         return {"method": "gptq", "scheme": self.scheme.to_dict(), "samples": self.samples, "seq_len": self.seq_len,
@@ -98,39 +105,38 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float 
 
 
 class _State:
-    """The checkpoint directory of a run: progress.json, the quantized layers, the next layer's inputs."""
+    """The checkpoint of a run (a `StateDir`): the quantized layers so far and the next layer's inputs."""
 
     def __init__(self, path: Path, key: dict):
-        self.path, self.key = path, key
+        self.dir = StateDir(path, "GPTQ", key)
 
-    def done(self) -> int:
-        """Layers already quantized by an earlier run with the same settings (0 if none)."""
-        f = self.path / "progress.json"
-        if not f.is_file():
-            return 0
-        saved = json.loads(f.read_text())
-        if saved.get("key") != self.key:
-            raise PocketQuantError(f"{self.path} holds a GPTQ run with other settings; delete it to start over")
-        return int(saved["done"])
+    def done(self, n_layers: int) -> int:
+        """Layers already quantized by an earlier run with the same settings and model (0 if none)."""
+        info = self.dir.open() or {"done": 0}
+        done = info.get("done")
+        if not (isinstance(done, int) and 0 <= done <= n_layers):
+            raise PocketQuantError(f"{self.dir.path}: damaged GPTQ state (done={done!r}); delete it to start over")
+        return done
 
     def save(self, i: int, layer: torch.nn.Module, x: torch.Tensor):
-        self.path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.cpu().contiguous() for k, v in layer.state_dict().items()
                    if k.endswith(("qweight", "scales"))}
-        atomic_write(self.path / f"layer-{i}.safetensors", lambda p: save_file(tensors, str(p)))
-        atomic_write(self.path / "inputs.safetensors", lambda p: save_file({"x": x.cpu().contiguous()}, str(p)))
-        atomic_write(self.path / "progress.json",
-                     lambda p: p.write_text(json.dumps({"key": self.key, "done": i + 1})))
+        inputs = {"x": x.cpu().contiguous()}
+        self.dir.commit({"done": i + 1}, {f"layer-{i}.safetensors": lambda p: save_file(tensors, str(p)),
+                                          f"inputs-{i}.safetensors": lambda p: save_file(inputs, str(p))},
+                        drop=[f"inputs-{i - 1}.safetensors"])
 
     def restore(self, i: int, layer: torch.nn.Module, plan: dict):
-        tensors = load_file(str(self.path / f"layer-{i}.safetensors"), device=str(layer.input_layernorm.weight.device))
+        tensors = load_file(str(self.dir.file(f"layer-{i}.safetensors")),
+                            device=str(layer.input_layernorm.weight.device))
         for name, spec in plan.items():
             q = QuantLinear(*_shape(layer.get_submodule(name)), spec)
             q.qweight, q.scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
             set_module(layer, name, q)
 
     def inputs(self, device) -> torch.Tensor:
-        return load_file(str(self.path / "inputs.safetensors"), device=str(device))["x"]
+        done = self.dir.info["done"]
+        return load_file(str(self.dir.file(f"inputs-{done - 1}.safetensors")), device=str(device))["x"]
 
 
 def _shape(linear) -> tuple[int, int]:
@@ -148,9 +154,12 @@ def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress
     model.set_kv_cache_bits(scheme.kv_cache_bits)  # attention sees keys/values as deployed
     plan = linear_plan(model, scheme)
     n_layers, T = len(model.layers), tokens.shape[1]
-    state = _State(Path(state_dir), {**config.to_dict(), "tokens": int(tokens.sum()), "shape": list(tokens.shape)}) \
-        if state_dir else None
-    start = state.done() if state else 0
+    state = None
+    if state_dir:  # the key: the settings, the calibration tokens and the weights it starts from
+        digest = hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()
+        state = _State(Path(state_dir), {**config.to_dict(), "tokens": digest, "shape": list(tokens.shape),
+                                         "model": tensors_digest(model.state_dict())})
+    start = state.done(n_layers) if state else 0
     tokens = tokens.to(model.device)
     cos, sin = model.rope(0, T, torch.float32)
     mask = model.attention_mask(0, T, False, tokens.device)
@@ -176,7 +185,7 @@ def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress
         model.lm_head = QuantLinear.from_float(model.lm_head.weight, plan["lm_head"], "lm_head")
     quantize_embedding(model, scheme)
     if state:
-        shutil.rmtree(state.path, ignore_errors=True)
+        state.dir.remove()
     return model
 
 

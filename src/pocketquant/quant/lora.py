@@ -30,6 +30,9 @@ def add_lora(model: nn.Module, rank: int = 16, scale: float = 2.0, targets: tupl
     if unmatched:
         raise PocketQuantError(f"LoRA target(s) {', '.join(map(repr, unmatched))} match no block linear "
                                "(names look like 'layers.0.self_attn.q_proj'; 'q_proj' or 'mlp.*' also work)")
+    narrowest = min(min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in chosen)
+    if rank > narrowest:
+        raise PocketQuantError(f"LoRA rank {rank} is more than the narrowest adapted linear's {narrowest} features")
     if not all(isinstance(model.get_submodule(n), FakeQuantLinear) for n in chosen):
         raise PocketQuantError("LoRA adapters go on fake-quantized linears: prepare the model for QAT first")
     with torch.random.fork_rng(devices=[]):

@@ -39,7 +39,8 @@ def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: s
     them to OUT.rotations.safetensors, merges them, then quantizes with `then` (gptq or rtn). Under
     torchrun every process shares the rotation search; the first one quantizes and writes the files,
     the others return None."""
-    from pocketquant.checkpoints import load_model
+    from pocketquant.checkpoints import check_length, load_float_model
+    from pocketquant.files import check_output
     from pocketquant.layers import check_plan
     from pocketquant.packed import save_packed
     from pocketquant.progress import bar
@@ -50,9 +51,7 @@ def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: s
         raise PocketQuantError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     if then not in ("gptq", "rtn"):
         raise PocketQuantError(f"SpinQuant quantizes with gptq or rtn, not {then!r}")
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise PocketQuantError(f"the output file must end in .safetensors, got {out.name}")
+    out = check_output(out, [source, calib_text, rotations], suffix=".safetensors")
     scheme = get_scheme(scheme)
     if scale_rule is not None:  # the int4/int8 scale rule of the block linears
         weight = dataclasses.replace(scheme.linear.weight, scale_rule=scale_rule)
@@ -64,12 +63,14 @@ def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: s
         scheme = scheme.replace(share_embedding_output=True)
     if kv_cache_bits is not None:
         scheme = scheme.replace(kv_cache_bits=kv_cache_bits)
-    loaded = load_model(source, torch.float32)
+    loaded = load_float_model(source, torch.float32)
     model = loaded.model
     check_plan(model, scheme)  # refuse before any work
     show = bar if progress else None
     calibration = None
     if method != "rtn" and not (method == "spinquant" and rotations and then == "rtn"):
+        check_length(model.config, calib_len, "--calib-len")
+        check_length(model.config, (spin or {}).get("seq_len", 0), "--spin-len")
         from pocketquant.data import read_text, shipped_text
 
         if loaded.tokenizer is None:
@@ -86,7 +87,7 @@ def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: s
             tokens = token_blocks(calibration, config.samples, config.seq_len)
             if len(calibration) >= (config.samples + 2) * config.seq_len:  # the text's last two blocks
                 heldout = token_blocks(calibration[-2 * config.seq_len:], 2, config.seq_len)
-        saved = out.with_name(out.stem + ".rotations.safetensors")
+        saved = check_output(out.with_name(out.stem + ".rotations.safetensors"), [source, calib_text])
         model, losses, held = spinquant.prepare(model, config, tokens, show if rank == 0 else None,
                                                 rotations=rotations, save_to=None if rotations or rank else saved,
                                                 heldout=heldout)

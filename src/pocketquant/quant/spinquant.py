@@ -20,15 +20,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
 from pocketquant.errors import PocketQuantError
+from pocketquant.files import atomic_write
 from pocketquant.hadamard import hadamard_transform
 from pocketquant.model import Transformer
 from pocketquant.numerics import fake_quant_per_token, fake_quant_weight
-from pocketquant.packed import atomic_write
 from pocketquant.quant import rotation
 from pocketquant.quant.distributed import world_and_rank
 from pocketquant.quant.train import distillation_kl
@@ -47,6 +48,19 @@ class SpinQuantConfig:
     learn: bool = True  # False: random Hadamard rotations only (QuaRot-style)
     fake_quant_weights: bool = False  # int4 weights in the loop too (Meta, and the default: 16-bit weights)
     loss: str = "ce"  # "ce": next-token cross-entropy (Meta); "kl": distill the float model's outputs
+
+    def __post_init__(self):
+        for name in ("iterations", "samples", "batch"):
+            if getattr(self, name) < 1:
+                raise PocketQuantError(f"SpinQuant {name} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise PocketQuantError(f"SpinQuant blocks need at least 2 tokens, got {self.seq_len}")
+        if not 0 < self.lr < math.inf:  # also refuses NaN
+            raise PocketQuantError(f"the SpinQuant learning rate must be a finite number > 0, got {self.lr}")
+        if self.loss not in ("ce", "kl"):
+            raise PocketQuantError(f"the SpinQuant loss is ce or kl, got {self.loss!r}")
+        if not 0 <= self.seed < 2 ** 63:
+            raise PocketQuantError(f"the SpinQuant seed must be in [0, 2**63), got {self.seed}")
 
     def to_dict(self) -> dict:
         return {"method": "spinquant", "scheme": self.scheme.to_dict(), "iterations": self.iterations,
@@ -226,7 +240,10 @@ def load_rotations(path: str | Path, model: Transformer) -> tuple[torch.Tensor, 
     path = Path(path)
     if not path.is_file():
         raise PocketQuantError(f"no such rotations file: {path}")
-    t = load_file(str(path))
+    try:
+        t = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise PocketQuantError(f"{path}: not a readable rotations file (truncated or corrupt?): {e}") from e
     cfg = model.config
     R2 = [t.get(f"R2.{i}") for i in range(cfg.n_layers)]
     if "R1" not in t or t["R1"].shape != (cfg.dim, cfg.dim) or any(

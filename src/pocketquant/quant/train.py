@@ -10,16 +10,16 @@ per phase, gradient accumulation, gradient clipping at 1, optional gradient chec
 starts the training from a much easier model to quantize, and starts the weights from GPTQ's
 (quantized, then dequantized) rather than the float ones; each phase reads sequences the earlier one did not.
 
-Every `checkpoint_every` steps the whole state (weights, adapters, optimizer, loss curve) is written to
-STATE_DIR/state.pt, from which the same run resumes. The examples of a step are fixed by the step number,
+Every `checkpoint_every` steps the whole state (weights, adapters, optimizer, loss curve) is committed to
+STATE_DIR (a `files.StateDir`), from which the same run resumes. The examples of a step are fixed by the step number,
 so a resumed run computes what an uninterrupted one would. Under torchrun, DDP averages the gradients and
 each process reads its own examples."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from pocketquant.errors import PocketQuantError
+from pocketquant.files import StateDir
 from pocketquant.model import Transformer
-from pocketquant.packed import atomic_write
 from pocketquant.quant import qat
 from pocketquant.quant.distributed import join_torchrun, world_and_rank
 from pocketquant.quant.lora import add_lora, lora_parameters
@@ -67,9 +67,15 @@ class TrainConfig:
             raise PocketQuantError(f"init is gptq or float, got {self.init!r}")
         if not 0.0 <= self.distill <= 1.0:
             raise PocketQuantError(f"distill is a weight in [0, 1], got {self.distill}")
-        for name in ("steps", "lora_steps", "seq_len", "batch", "grad_accum", "checkpoint_every", "gptq_samples"):
+        for name in ("steps", "lora_steps", "seq_len", "batch", "grad_accum", "checkpoint_every", "gptq_samples",
+                     "rank"):
             if getattr(self, name) < 1:
                 raise PocketQuantError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "lora_lr", "lora_scale", "weight_decay"):
+            if not 0 <= getattr(self, name) < math.inf:  # also refuses NaN
+                raise PocketQuantError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.warmup < 0 or not 0 <= self.seed < 2 ** 63:
+            raise PocketQuantError(f"warmup must be >= 0 and seed in [0, 2**63), got {self.warmup} and {self.seed}")
 
     def phases(self) -> list[tuple[str, int, float]]:
         """(name, steps, peak learning rate) of each phase, in order."""
@@ -114,9 +120,12 @@ def loss_of(model, teacher, ids: torch.Tensor, mask: torch.Tensor, distill: floa
 
 
 def train(model: Transformer, teacher: Transformer | None, config: TrainConfig, ids: torch.Tensor,
-          mask: torch.Tensor, state_dir: str | Path | None = None, progress=None) -> tuple[Transformer, list[float]]:
+          mask: torch.Tensor, state_dir: str | Path | None = None, progress=None, source_id: str = ""
+          ) -> tuple[Transformer, list[float]]:
     """Fake-quantize `model` (float) and train it as `config` says; returns it (still fake-quantized,
-    with its adapters; `qat.convert` packs it) and the loss of every optimizer step, phase after phase."""
+    with its adapters; `qat.convert` packs it) and the loss of every optimizer step, phase after phase.
+    With `state_dir` the state is committed there every `checkpoint_every` steps, and a run with the same
+    settings, data and `source_id` (what identifies the starting weights) resumes from it."""
     if config.distill > 0 and teacher is None:
         raise PocketQuantError("distillation needs the float model as teacher")
     world, rank = world_and_rank()
@@ -127,9 +136,8 @@ def train(model: Transformer, teacher: Transformer | None, config: TrainConfig, 
     model.gradient_checkpointing = config.grad_checkpointing
     if teacher is not None:
         teacher.eval().requires_grad_(False)
-    state_file = Path(state_dir) / "state.pt" if state_dir else None
-    data_id = hashlib.sha256(ids.numpy().tobytes() + mask.numpy().tobytes()).hexdigest()[:16]
-    state = _load_state(state_file, config, data_id)
+    saved = _state_dir(state_dir, config, _data_id(ids, mask), source_id) if state_dir else None
+    state = _load_state(saved, rank)
     if state:
         model.load_state_dict(state["model"])
     losses = state["losses"] if state else []
@@ -169,8 +177,8 @@ def train(model: Transformer, teacher: Transformer | None, config: TrainConfig, 
             losses.append(total)
             if hasattr(steps_iter, "set_postfix"):
                 steps_iter.set_postfix(loss=f"{total:.4f}", tokens=f"{(step + 1) * per_step * config.seq_len:,}")
-            if state_file and rank == 0 and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
-                _save_state(state_file, config, data_id, index, step + 1, model, optimizer, losses)
+            if saved and rank == 0 and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
+                _save_state(saved, index, step + 1, model, optimizer, losses)
         model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -195,30 +203,31 @@ def train_model(source: str | Path, out: str | Path, config: TrainConfig = Train
     or with `merge_lora` folded into the weights before quantizing). The state is checkpointed in
     OUT.train-state/ (removed once the file is written); a rerun of the same command resumes from it.
     Under torchrun the first process writes the file and the others return None."""
-    import shutil
-
-    from pocketquant.checkpoints import load_model
+    from pocketquant.checkpoints import check_length, load_float_model, load_model
     from pocketquant.data import training_examples
+    from pocketquant.files import check_output, tensors_digest
     from pocketquant.layers import check_plan
     from pocketquant.packed import save_packed
     from pocketquant.progress import bar
     from pocketquant.quant.lora import merge_lora as merge
 
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise PocketQuantError(f"the output file must end in .safetensors, got {out.name}")
+    rotations = config.rotations if config.rotations != "hadamard" else None
+    out = check_output(out, [source, data, rotations], suffix=".safetensors")
     if merge_lora and not config.lora:
         raise PocketQuantError("merging LoRA adapters needs LoRA training")
-    loaded = load_model(source, torch.float32)
+    loaded = load_float_model(source, torch.float32)
     check_plan(loaded.model, config.scheme)  # refuse before any work
+    check_length(loaded.model.config, config.seq_len, "--seq-len")
     if loaded.tokenizer is None:
         raise PocketQuantError(f"{source} has no tokenizer: training needs text")
     ids, mask = training_examples(loaded.tokenizer, data, config.seq_len)
     rank = join_torchrun(loaded.model.device)
     teacher = load_model(source, torch.float32).model if config.distill > 0 else None
-    state_dir = out.with_name(out.name + ".train-state")
-    starting_point(loaded.model, config, ids, state_dir, bar if progress and not rank else None)
-    model, losses = train(loaded.model, teacher, config, ids, mask, state_dir, bar if progress else None)
+    state_dir, source_id = out.with_name(out.name + ".train-state"), tensors_digest(loaded.model.state_dict())
+    saved = _state_dir(state_dir, config, _data_id(ids, mask), source_id)
+    resume = (saved.open() if rank == 0 else saved.read()) is not None
+    starting_point(loaded.model, config, ids, state_dir, bar if progress and not rank else None, resume)
+    model, losses = train(loaded.model, teacher, config, ids, mask, state_dir, bar if progress else None, source_id)
     if rank:
         return None
     if merge_lora:
@@ -227,20 +236,21 @@ def train_model(source: str | Path, out: str | Path, config: TrainConfig = Train
     recipe = [{**config.to_dict(), "data": str(data) if data else "shipped calibration text",
                "lora_merged": merge_lora}]
     save_packed(out, model, config.scheme, recipe, loaded.tokenizer)
-    shutil.rmtree(state_dir, ignore_errors=True)
+    saved.read()  # the files of the last step, to remove
+    saved.remove()
     world = world_and_rank()[0]
     tokens = len(losses) * config.batch * config.grad_accum * world * config.seq_len
     return TrainResult(out, out.stat().st_size, losses, len(ids), tokens)
 
 
-def starting_point(model: Transformer, config: TrainConfig, ids: torch.Tensor, state_dir: Path, progress=None
-                   ) -> Transformer:
+def starting_point(model: Transformer, config: TrainConfig, ids: torch.Tensor, state_dir: Path, progress=None,
+                   resume: bool = False) -> Transformer:
     """The float model `train` starts from: rotated (`config.rotations`), then with `init="gptq"` quantized
-    by GPTQ on the first training sequences (checkpointed in STATE_DIR/gptq) and dequantized. Skipped
-    when STATE_DIR holds a training state, whose weights replace these anyway."""
+    by GPTQ on the first training sequences (checkpointed in STATE_DIR/gptq) and dequantized. GPTQ is
+    skipped when `resume`s a training state, whose weights replace these anyway."""
     if config.rotations:
         rotate(model, config)
-    if config.init == "gptq" and not (state_dir / "state.pt").is_file():
+    if config.init == "gptq" and not resume:
         from pocketquant.quant import gptq
 
         rank = world_and_rank()[1]
@@ -267,21 +277,28 @@ def rotate(model: Transformer, config: TrainConfig) -> Transformer:
         raise PocketQuantError(f"{e} (train without rotations: --rotations none)") from e
 
 
-def _run_id(config: TrainConfig, data_id: str) -> str:
-    return json.dumps({**config.to_dict(), "data": data_id}, sort_keys=True)
+def _data_id(ids: torch.Tensor, mask: torch.Tensor) -> str:
+    return hashlib.sha256(ids.numpy().tobytes() + mask.numpy().tobytes()).hexdigest()[:16]
 
 
-def _save_state(path: Path, config: TrainConfig, data_id: str, phase: int, step: int, model, optimizer, losses):
-    state = {"run": _run_id(config, data_id), "phase": phase, "step": step,
-             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "losses": list(losses)}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+def _state_dir(path: str | Path, config: TrainConfig, data_id: str, source_id: str) -> StateDir:
+    return StateDir(path, "training", {**config.to_dict(), "data": data_id, "source": source_id})
 
 
-def _load_state(path: Path | None, config: TrainConfig, data_id: str) -> dict | None:
-    if path is None or not path.is_file():
+def _save_state(saved: StateDir, phase: int, step: int, model, optimizer, losses):
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "losses": list(losses)}
+    name = f"state-{phase}-{step}.pt"
+    saved.commit({"phase": phase, "step": step, "file": name}, {name: lambda tmp: torch.save(state, tmp)},
+                 drop=[saved.info["file"]] if saved.info else [])
+
+
+def _load_state(saved: StateDir | None, rank: int) -> dict | None:
+    """The last committed training state (None when there is none); only the first process writes."""
+    info = (saved.open() if rank == 0 else saved.read()) if saved else None
+    if not info:
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("run") != _run_id(config, data_id):
-        raise PocketQuantError(f"{path} holds the state of a different training run (other settings or data); "
-                               f"delete {path.parent} to start over")
-    return state
+    try:
+        state = torch.load(saved.file(info["file"]), map_location="cpu", weights_only=True)
+        return {**state, "phase": int(info["phase"]), "step": int(info["step"])}
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, KeyError, TypeError, ValueError) as e:
+        raise PocketQuantError(f"{saved.path}: damaged training state ({e!r}); delete it to start over") from e

@@ -92,7 +92,7 @@ class FastDecode:
     the int4 kernels. Batches other than 1 and non-float32 inputs or caches take the module path."""
 
     def __init__(self, model: nn.Module):
-        c = model.config
+        c = self.config = model.config
         self.layers = (kernels.LayerParams * c.n_layers)()
         for p, layer in zip(self.layers, model.layers):
             p.dim, p.n_heads, p.n_kv, p.head_dim, p.ffn = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim
@@ -108,13 +108,15 @@ class FastDecode:
             p.had_down_m, p.had_qk = m, int(c.hadamard_qk)
             p.had_down = 0 if self.had_down is None else self.had_down.data_ptr()
         self.inv_freq = model.inv_freq
-        self.scratch = torch.empty(2 * c.head_dim + 2 * (c.n_heads + c.n_kv_heads) * c.head_dim + 3 * c.ffn_dim
-                                   + c.dim + c.n_heads * c.max_seq_len, dtype=torch.float32)
+        self.scratch = None  # sized for the caches in use (attention scores over every cached position)
         self.qa = torch.empty(max(c.dim, c.n_heads * c.head_dim, c.ffn_dim), dtype=torch.uint8)
         self.caches, self.cache_params = None, None
 
     def _cache_params(self, caches):
         if self.caches is not caches:  # a new set of caches (one per generation)
+            c, max_t = self.config, caches[0].k.shape[2]
+            self.scratch = torch.empty(2 * c.head_dim + 2 * (c.n_heads + c.n_kv_heads) * c.head_dim + 3 * c.ffn_dim
+                                       + c.dim + c.n_heads * max_t, dtype=torch.float32)
             self.caches, self.cache_params = caches, (kernels.CacheParams * len(caches))()
             for p, cache in zip(self.cache_params, caches):
                 p.k, p.v, p.max_t, p.bits = cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2], cache.bits or 0
