@@ -152,6 +152,7 @@ def test_a_refused_run_does_not_block_the_corrected_one(tiny, tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     refused(capsys, "train", d, "--qat", "--targets", "nothing", "--lora", "--seq-len", "32", "--steps", "1",
             "--lora-steps", "1", "--init", "float", "--rotations", "none", "-o", out, match="match no block linear")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.safetensors", "tiny"]  # nothing left behind
     code, _, err = cli(capsys, "train", d, "--qat", "--seq-len", "32", "--steps", "1", "--init", "float",
                        "--rotations", "none", "-o", out)
     assert code == 0 and out.is_file() and not (tmp_path / "out.safetensors.train-state").exists(), err

@@ -234,6 +234,11 @@ class StateDir:
                 "pending": sorted(pending)}
         atomic_write(self.path / self.MANIFEST, lambda tmp: tmp.write_text(json.dumps(body), encoding="utf-8"))
 
+    def discard_if_empty(self):
+        """After a refused run: remove the state if it holds no committed step (nothing worth resuming)."""
+        if self.info is None and not self.files:
+            self.remove()
+
     def remove(self):
         """Delete the state: the files it wrote, then the directory if nothing else is in it."""
         for name in [*self.files, self.MANIFEST]:

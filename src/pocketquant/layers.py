@@ -168,29 +168,45 @@ def linear_plan(model: nn.Module, scheme: QuantScheme) -> dict[str, LinearSpec |
 
 
 def check_plan(model: nn.Module, scheme: QuantScheme) -> None:
-    """Refuse a scheme that cannot apply, listing every offending layer before any work starts."""
+    """Refuse a scheme that cannot apply, naming every offending layer (on one line) before any work starts."""
     problems = []
     names = [f"layers.{i}.{s}" for i in range(len(model.layers)) for s in BLOCK_LINEARS]
     for pattern, _ in scheme.overrides:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             problems.append(f"override {pattern!r} matches no module (block linears are named like "
                             f"'layers.0.mlp.down_proj')")
+    offending = {}  # (module name within its layer, what is wrong) -> layer numbers
     for name, spec in linear_plan(model, scheme).items():
         if spec is None:
             continue
         in_f = model.get_submodule(name).in_features
         g = spec.weight.group_for(in_f)
         if in_f % g:
-            problems.append(f"{name}: group size {g} does not divide its input width {in_f}")
+            reason = f"group size {g} does not divide its input width {in_f}"
         elif spec.weight.bits == 4 and in_f % BLOCK:
-            problems.append(f"{name}: int4 packing needs an input width divisible by {BLOCK}, got {in_f}")
+            reason = f"int4 packing needs an input width divisible by {BLOCK}, got {in_f}"
+        else:
+            continue
+        _, layer, short = name.split(".", 2) if name.startswith("layers.") else ("", None, name)
+        offending.setdefault((short, reason), []).append(layer)
+    problems += [f"{short}{_in_layers(layers)}: {reason}" for (short, reason), layers in offending.items()]
     if scheme.share_embedding_output and not (
             model.config.tie_embeddings and scheme.embedding is not None and scheme.output is not None
             and scheme.output.weight == scheme.embedding):
         problems.append("share_embedding_output needs a tied model and the same int8 per-channel weights "
                         "for embedding and output")
     if problems:
-        raise PocketQuantError(f"scheme {scheme.name!r} cannot apply to this model:\n  " + "\n  ".join(problems))
+        raise PocketQuantError(f"scheme {scheme.name!r} cannot apply to this model: " + "; ".join(problems))
+
+
+def _in_layers(layers: list) -> str:
+    """' in layers 0-15' (consecutive), ' in layers 1, 4', or '' for a module outside the layers."""
+    numbers = [int(n) for n in layers if n is not None]
+    if not numbers:
+        return ""
+    if numbers == list(range(numbers[0], numbers[-1] + 1)) and len(numbers) > 1:
+        return f" in layers {numbers[0]}-{numbers[-1]}"
+    return f" in layer{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
 
 
 def quantized_skeleton(model: nn.Module, scheme: QuantScheme, dtype=torch.float32) -> nn.Module:

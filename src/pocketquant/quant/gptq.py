@@ -165,22 +165,27 @@ def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress
     mask = model.attention_mask(0, T, False, tokens.device)
     x = state.inputs(model.device) if start else torch.cat([model.embed_tokens(t).float() for t in tokens.split(batch)])
     layers = range(n_layers)
-    for i in (progress(layers, desc="gptq", unit="layer") if progress else layers):
-        layer = model.layers[i]
-        layer_plan = {s: plan[f"layers.{i}.{s}"] for s in INPUTS if plan[f"layers.{i}.{s}"] is not None}
-        if i < start:
-            state.restore(i, layer, layer_plan)
-            continue
-        hessians = _hessians(layer, layer_plan, x, cos, sin, mask, batch)
-        for name, spec in layer_plan.items():
-            linear = layer.get_submodule(name)
-            check_finite(linear.weight, f"layers.{i}.{name}")
-            q, scales = gptq_weight(linear.weight, hessians[INPUTS[name]], spec.weight, config.damp,
-                                    config.act_order, config.block)
-            set_module(layer, name, QuantLinear.from_int(q, scales, spec))
-        x = torch.cat([layer(xb, cos, sin, mask, None, 0) for xb in x.split(batch)])
+    try:
+        for i in (progress(layers, desc="gptq", unit="layer") if progress else layers):
+            layer = model.layers[i]
+            layer_plan = {s: plan[f"layers.{i}.{s}"] for s in INPUTS if plan[f"layers.{i}.{s}"] is not None}
+            if i < start:
+                state.restore(i, layer, layer_plan)
+                continue
+            hessians = _hessians(layer, layer_plan, x, cos, sin, mask, batch)
+            for name, spec in layer_plan.items():
+                linear = layer.get_submodule(name)
+                check_finite(linear.weight, f"layers.{i}.{name}")
+                q, scales = gptq_weight(linear.weight, hessians[INPUTS[name]], spec.weight, config.damp,
+                                        config.act_order, config.block)
+                set_module(layer, name, QuantLinear.from_int(q, scales, spec))
+            x = torch.cat([layer(xb, cos, sin, mask, None, 0) for xb in x.split(batch)])
+            if state:
+                state.save(i, layer, x)
+    except PocketQuantError:
         if state:
-            state.save(i, layer, x)
+            state.dir.discard_if_empty()  # a refused run (e.g. a Hessian GPTQ cannot invert) leaves nothing behind
+        raise
     if plan["lm_head"] is not None:
         model.lm_head = QuantLinear.from_float(model.lm_head.weight, plan["lm_head"], "lm_head")
     quantize_embedding(model, scheme)

@@ -226,8 +226,15 @@ def train_model(source: str | Path, out: str | Path, config: TrainConfig = Train
     state_dir, source_id = out.with_name(out.name + ".train-state"), tensors_digest(loaded.model.state_dict())
     saved = _state_dir(state_dir, config, _data_id(ids, mask), source_id)
     resume = (saved.open() if rank == 0 else saved.read()) is not None
-    starting_point(loaded.model, config, ids, state_dir, bar if progress and not rank else None, resume)
-    model, losses = train(loaded.model, teacher, config, ids, mask, state_dir, bar if progress else None, source_id)
+    try:
+        starting_point(loaded.model, config, ids, state_dir, bar if progress and not rank else None, resume)
+        model, losses = train(loaded.model, teacher, config, ids, mask, state_dir, bar if progress else None,
+                              source_id)
+    except PocketQuantError:
+        if rank == 0:
+            saved.read()
+            saved.discard_if_empty()  # a refused run leaves nothing behind
+        raise
     if rank:
         return None
     if merge_lora:
