@@ -1,5 +1,8 @@
 """GPTQ: the column algorithm against RTN, and the layer-by-layer run with checkpoints and resume."""
 
+import contextlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -93,7 +96,8 @@ def test_a_killed_run_resumes_after_its_last_finished_layer(tiny_text_dir, tmp_p
     monkeypatch.setattr(gptq, "gptq_weight", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     resumed = gptq.apply(_model(tiny_text_dir), config, tokens, state_dir=state)
     assert len(calls) == 7  # only layer 1 was quantized again
-    assert not state.exists()  # the checkpoint is removed once the run is complete
+    gptq.gptq_state(state).remove()  # what the caller does once the result is written
+    assert not state.exists()
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -139,6 +143,16 @@ def test_a_damaged_checkpoint_is_refused(tiny_text_dir, tmp_path, monkeypatch):
         gptq.apply(_model(tiny_text_dir), config, tokens, state_dir=state)
 
 
+@contextlib.contextmanager
+def _killed_at_unlink(monkeypatch):
+    def killed(self, missing_ok=False):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", killed)
+        yield
+
+
 @pytest.mark.parametrize("when", ["after", "during"])
 def test_a_kill_at_any_write_then_a_rerun_gives_the_uninterrupted_result(tiny_text_dir, tmp_path, monkeypatch, when):
     """Every file operation of a GPTQ run is a place a kill can land: between two writes ("after") or in the
@@ -156,6 +170,12 @@ def test_a_kill_at_any_write_then_a_rerun_gives_the_uninterrupted_result(tiny_te
                 finished = False
         resumed = gptq.apply(_model(tiny_text_dir), config, tokens, state_dir=state).state_dict()
         assert all(torch.equal(whole[n], resumed[n]) for n in whole), f"killed at write {k} ({writes[-1].name})"
+        for kill in (killed_at_write(monkeypatch, 0, during=when == "during"), _killed_at_unlink(monkeypatch)):
+            with kill, pytest.raises(KeyboardInterrupt):  # a kill while the finished state is being removed
+                gptq.gptq_state(state).remove()
+            again = gptq.apply(_model(tiny_text_dir), config, tokens, state_dir=state).state_dict()
+            assert all(torch.equal(whole[n], again[n]) for n in whole)
+        gptq.gptq_state(state).remove()
         assert not state.exists()
         if finished:  # k is past the last write of a run
             break

@@ -184,6 +184,9 @@ def test_malformed_tokenizer_files(tiny, capsys):
 
 def test_a_packed_file_is_not_quantized_again(tiny, capsys):
     _, packed = tiny
+    (packed.parent / "garbage.safetensors").write_bytes(b"not safetensors")
+    refused(capsys, "quantize", packed.parent / "garbage.safetensors", "-o", packed.parent / "o.safetensors",
+            match="not a readable safetensors file")  # not taken for a packed file
     refused(capsys, "quantize", packed, "-o", packed.parent / "again.safetensors", match="already quantized")
     refused(capsys, "train", packed, "--qat", "-o", packed.parent / "again.safetensors", match="already quantized")
 
@@ -216,8 +219,13 @@ def test_a_chat_template_that_never_ends_is_stopped(tiny, capsys):
     t0 = time.perf_counter()
     refused(capsys, "generate", d, "--chat", "--prompt", "hi", match="rendering took longer than")
     assert time.perf_counter() - t0 < 15
-    write_json(d / "tokenizer_config.json", {"chat_template": "{{ 'x' * 10000000000 }}"})
-    refused(capsys, "generate", d, "--chat", "--prompt", "hi", match="is too large")
+    for template, match in (("{{ 'x' * 10000000000 }}", "is too large"), ("{{ ('x' * 10**6) * 1000 }}", "is too large"),
+                            ("{{ 'x'|center(10**9) }}", "would make too large a text"),
+                            ("{{ '%1000000000s' % 'x' }}", "is too large"),
+                            ("{% set ns = namespace(x='xxxxxxxx') %}{% for i in range(40) %}"
+                             "{% set ns.x = ns.x ~ ns.x %}{% endfor %}{{ ns.x|length }}", "more than 256 MB")):
+        write_json(d / "tokenizer_config.json", {"chat_template": template})
+        refused(capsys, "generate", d, "--chat", "--prompt", "hi", match=match)
 
 
 # --- careless arguments ----------------------------------------------------------------------------------------
@@ -316,6 +324,15 @@ def test_output_that_is_a_directory_or_cannot_be_written(tiny, tmp_path, capsys,
         refused(capsys, verb, d, *extra, "-o", tmp_path / "ro" / f"x{suffix}", match="cannot write")
 
 
+def test_only_pocketquant_temporary_files_of_the_output_are_removed(tiny, tmp_path, capsys):
+    d, _ = tiny
+    others = [".notes.txt.partial-draft", ".x.partial-999999999-abc", ".out.safetensors.partial-draft"]
+    for name in others:
+        (tmp_path / name).write_text("someone else's")
+    assert cli(capsys, "quantize", d, "-o", tmp_path / "out.safetensors")[0] == 0
+    assert all((tmp_path / name).read_text() == "someone else's" for name in others)
+
+
 def test_planted_links_are_never_followed(tiny, tmp_path, capsys):
     d, _ = tiny
     victim = tmp_path / "victim.txt"
@@ -334,8 +351,8 @@ def test_planted_links_are_never_followed(tiny, tmp_path, capsys):
 
 
 def test_a_killed_writer_leaves_its_partial_file_for_the_next_write_to_remove(tmp_path):
-    stale = tmp_path / ".out.bin.partial-999999999-abc"
-    stale.write_bytes(b"x" * 1000)
+    (tmp_path / ".out.bin.partial-999999999-abc").write_bytes(b"x" * 1000)  # a writer long dead
+    (tmp_path / f".out.bin.partial-{os.getpid()}-xyz").write_bytes(b"x")  # one killed with this process's PID
 
     def killed(tmp):
         tmp.write_bytes(b"half")
@@ -343,7 +360,7 @@ def test_a_killed_writer_leaves_its_partial_file_for_the_next_write_to_remove(tm
 
     with pytest.raises(KeyboardInterrupt):
         atomic_write(tmp_path / "out.bin", killed)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the stale file and this attempt's are both gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the stale files and this attempt's are all gone
     atomic_write(tmp_path / "out.bin", lambda tmp: tmp.write_bytes(b"whole"))
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"] and (tmp_path / "out.bin").read_bytes() == b"whole"
     assert oct((tmp_path / "out.bin").stat().st_mode & 0o777) != oct(0o600)  # not left private like a temp file

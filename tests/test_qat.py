@@ -261,3 +261,21 @@ def test_cli_train_writes_a_packed_file_with_adapters(tiny_text_dir, tmp_path):
     assert read_header(merged).lora is None and read_header(merged).recipe[0]["lora_merged"]
     bad = subprocess.run(run + ["-o", str(tmp_path / "x.safetensors")], capture_output=True, text=True)
     assert bad.returncode == 1 and "--qat, --lora, or both" in bad.stderr
+
+
+def test_train_killed_in_its_gptq_start_or_at_its_end_reruns_to_the_same_file(tiny_text_dir, tmp_path, monkeypatch):
+    """The GPTQ start keeps its state inside the training state: kills there, or while the states are removed,
+    must neither block the rerun nor change the file."""
+    from pocketquant.quant.train import train_model
+
+    text = tmp_path / "train.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    config = TrainConfig(SCHEME, steps=2, seq_len=32, grad_accum=1, gptq_samples=4, checkpoint_every=1)
+    whole = train_model(tiny_text_dir[0], tmp_path / "whole.safetensors", config, text, progress=False)
+    out = tmp_path / "out.safetensors"
+    for k in (2, 4, 6, 13):  # in GPTQ's first and second layer, in training, and in removing the states
+        with killed_at_write(monkeypatch, k), pytest.raises(KeyboardInterrupt):
+            train_model(tiny_text_dir[0], out, config, text, progress=False)
+    again = train_model(tiny_text_dir[0], out, config, text, progress=False)
+    assert out.read_bytes() == whole.path.read_bytes() and again.losses == whole.losses
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "tiny", "train.txt", "whole.safetensors"]

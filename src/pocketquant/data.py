@@ -27,6 +27,8 @@ def read_text(path: str | Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise PocketQuantError(f"{path}: not UTF-8 text ({e})") from e
+    except OSError as e:
+        raise PocketQuantError(f"cannot read {path}: {e.strerror or e}") from e
 
 
 def token_blocks(tokens: list[int], n: int, length: int) -> "torch.Tensor":

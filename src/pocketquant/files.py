@@ -92,43 +92,57 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_partials(path.parent)
+        remove_stale_partials(path.parent, [path.name])
         fd, name = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL}{os.getpid()}-", dir=path.parent)
         os.close(fd)
     except OSError as e:
         raise PocketQuantError(f"cannot write {path}: {e.strerror or e}") from e
     tmp = Path(name)
+    _in_flight.add(tmp)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result gets the usual mode
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the result gets the usual mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise PocketQuantError(f"cannot write {path}: {e.strerror or e}") from e
+    except PocketQuantError:
+        raise
+    except Exception as e:  # a full disk or a size limit, as OSError or as a serializer's own error type
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        reason = getattr(e, "strerror", None) or first or type(e).__name__
+        raise PocketQuantError(f"cannot write {path}: {reason}") from e
     finally:
+        _in_flight.discard(tmp)
         tmp.unlink(missing_ok=True)
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def remove_stale_partials(directory: Path):
-    """Remove the temporary files (.NAME.partial-PID-...) that killed writers left in `directory`."""
+_UMASK = _read_umask()  # read once: setting it to read it is not thread-safe
+_in_flight: set[Path] = set()  # this process's temporary files now being written
+
+
+def remove_stale_partials(directory: Path, names: Iterable[str]):
+    """Remove the temporary files (.NAME.partial-PID-...) of the files `names` that a killed writer left in
+    `directory`: those of a process that is gone, or of this process's PID but not being written now (a
+    rerun in a container often gets the PID of the run that was killed)."""
+    prefixes = tuple(f".{name}{PARTIAL}" for name in names)
     for entry in os.scandir(directory):
-        if entry.name.startswith(".") and PARTIAL in entry.name and not entry.is_dir(follow_symlinks=False):
+        if entry.name.startswith(prefixes) and not entry.is_dir(follow_symlinks=False):
             pid = entry.name.rsplit(PARTIAL, 1)[1].split("-")[0]
-            if not _alive(pid):
+            ours = pid == str(os.getpid()) and Path(entry.path) not in _in_flight
+            if pid.isdigit() and (ours or not _alive(pid)):
                 Path(entry.path).unlink(missing_ok=True)  # a link is removed, never followed
 
 
 def _alive(pid: str) -> bool:
     try:
         os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError, OverflowError):
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -158,30 +172,28 @@ class StateDir:
                                    "there (remove it)")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise PocketQuantError(f"cannot create {self.path}: {e.strerror or e}") from e
-        manifest = self.path / self.MANIFEST
-        if manifest.is_file():
-            saved = self._read(manifest)
-            if saved["info"] is not None or saved["files"]:
+            saved = self._manifest()
+            if saved is None and any(not p.name.startswith(f".{self.MANIFEST}{PARTIAL}") for p in self.path.iterdir()):
+                raise PocketQuantError(f"{self.path} holds files that are not pocketquant {self.kind} state; "
+                                       "move them away or choose another output name")
+            if saved is not None and _committed(saved):
                 self._take_up(saved)
-                for name in set(saved["pending"]) - set(self.files):  # an interrupted step's files
-                    (self.path / name).unlink(missing_ok=True)
-                return self.info
-            for name in saved["pending"]:  # nothing was committed, so nothing is kept, whatever the run was
+            for name in set(saved["pending"] if saved else ()) - set(self.files):  # an interrupted step's files
                 (self.path / name).unlink(missing_ok=True)
-        elif any(not p.name.startswith(f".{self.MANIFEST}{PARTIAL}") for p in self.path.iterdir()):
-            raise PocketQuantError(f"{self.path} holds files that are not pocketquant {self.kind} state; "
-                                   "move them away or choose another output name")
-        self._save({}, None, pending=())
-        return None
+            if self.info is None:  # nothing committed, so nothing kept, whatever run it was
+                self._save({}, None, pending=())
+        except OSError as e:
+            raise PocketQuantError(f"{self.path}: {e.strerror or e}") from e
+        return self.info
 
     def read(self) -> dict | None:
         """Like `open`, for a process that only reads the state another one writes: changes nothing."""
-        manifest = self.path / self.MANIFEST
-        saved = self._read(manifest) if manifest.is_file() else {"info": None, "files": {}}
-        if saved["info"] is not None or saved["files"]:
-            self._take_up(saved)
+        try:
+            saved = self._manifest()
+            if saved is not None and _committed(saved):
+                self._take_up(saved)
+        except OSError as e:
+            raise PocketQuantError(f"{self.path}: {e.strerror or e}") from e
         return self.info
 
     def _take_up(self, saved: dict):
@@ -196,14 +208,18 @@ class StateDir:
                                        f"delete {self.path} to start over")
         self.files, self.info = saved["files"], saved["info"]
 
-    def _read(self, manifest: Path) -> dict:
+    def _manifest(self) -> dict | None:
+        """The manifest on disk, checked for form (None when there is none)."""
+        manifest = self.path / self.MANIFEST
+        if not manifest.is_file():
+            return None
         try:
             saved = json.loads(manifest.read_text(encoding="utf-8"))
             ok = (saved.get("format") == "pocketquant.state" and saved.get("kind") == self.kind
                   and isinstance(saved.get("files"), dict) and isinstance(saved.get("pending"), list)
                   and isinstance(saved.get("info"), (dict, type(None))) and "key" in saved
                   and all(_plain_name(n) for n in [*saved["files"], *saved["pending"]]))
-        except (OSError, ValueError, AttributeError) as e:
+        except (OSError, ValueError, AttributeError, RecursionError) as e:
             raise PocketQuantError(f"{manifest}: damaged {self.kind} state ({e}); delete {self.path} to start "
                                    "over") from e
         if not ok:
@@ -212,21 +228,22 @@ class StateDir:
         return saved
 
     def file(self, name: str) -> Path:
+        """The path of a file of the state."""
         return self.path / name
 
     def commit(self, info: dict, write: dict[str, Callable[[Path], object]], drop: Iterable[str] = ()):
-        """Write the files of a step (name -> write(tmp)), then commit them with `info`; files named in
-        `drop` leave the state."""
-        drop = set(drop) - set(write)
+        """Write the files of a step (name -> write(tmp)), then commit them with `info`; the committed files
+        named in `drop` leave the state and are deleted."""
+        drop = set(drop) & set(self.files) - set(write)
         self._save(self.files, self.info, pending=[*write, *drop])  # what may exist beside the committed files
         digests = {}
         for name, fn in write.items():
             atomic_write(self.path / name, fn)
-            digests[name] = sha256_of(self.path / name)
+            digests[name] = _digest(self.path / name)
         files = {k: v for k, v in self.files.items() if k not in drop} | digests
         self._save(files, info, pending=drop)
         for name in drop:
-            (self.path / name).unlink(missing_ok=True)
+            _unlink(self.path / name)
         self.files, self.info = files, info
 
     def _save(self, files: dict, info, pending):
@@ -234,20 +251,49 @@ class StateDir:
                 "pending": sorted(pending)}
         atomic_write(self.path / self.MANIFEST, lambda tmp: tmp.write_text(json.dumps(body), encoding="utf-8"))
 
-    def discard_if_empty(self):
-        """After a refused run: remove the state if it holds no committed step (nothing worth resuming)."""
-        if self.info is None and not self.files:
-            self.remove()
-
-    def remove(self):
-        """Delete the state: the files it wrote, then the directory if nothing else is in it."""
-        for name in [*self.files, self.MANIFEST]:
-            (self.path / name).unlink(missing_ok=True)
-        remove_stale_partials(self.path)
+    def remove(self, only_if_uncommitted: bool = False):
+        """Delete the state as the manifest on disk names it: first a manifest that commits nothing (so a kill
+        in between leaves a state a rerun starts afresh from), then the files, then the manifest and the
+        directory, unless something pocketquant did not write lives there. With `only_if_uncommitted` (after a
+        refused run) a state that holds a committed step is kept for the rerun."""
         try:
-            self.path.rmdir()
+            saved = self._manifest()
+        except PocketQuantError:
+            return  # not ours to delete
+        if saved is None or (only_if_uncommitted and _committed(saved)):
+            return
+        names = set(saved["files"]) | set(saved["pending"])
+        try:
+            self._save({}, None, pending=names)
+            for name in names:
+                (self.path / name).unlink(missing_ok=True)
+            remove_stale_partials(self.path, [*names, self.MANIFEST])
+            if {p.name for p in self.path.iterdir()} == {self.MANIFEST}:
+                (self.path / self.MANIFEST).unlink()
+                self.path.rmdir()
+            else:
+                self._save({}, None, pending=())  # other things live there: they stay, in a state of ours
         except OSError:
-            pass  # something else lives there: leave it
+            pass  # the state stays for a later run to take up or remove
+        self.files, self.info = {}, None
+
+
+def _committed(saved: dict) -> bool:
+    return saved["info"] is not None or bool(saved["files"])
+
+
+def _digest(path: Path) -> str:
+    try:
+        return sha256_of(path)
+    except OSError as e:
+        raise PocketQuantError(f"cannot read back {path}: {e.strerror or e}") from e
+
+
+def _unlink(path: Path):
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # left for the next run, which removes what the manifest lists as pending
 
 
 def _plain_name(name) -> bool:

@@ -201,8 +201,9 @@ class Transformer(nn.Module):
         """One preallocated KV cache per layer."""
         cfg = self.config
         length = max_seq_len or cfg.max_seq_len
-        need = 2 * cfg.n_layers * batch * cfg.n_kv_heads * length * cfg.head_dim * (dtype or self.dtype).itemsize
-        if need > physical_memory():
+        per_value = 1 if self.kv_cache_bits == 8 else (dtype or self.dtype).itemsize
+        need = 2 * cfg.n_layers * batch * cfg.n_kv_heads * length * cfg.head_dim * per_value
+        if self.device.type == "cpu" and need > physical_memory():
             raise PocketQuantError(f"a KV cache of {batch} x {length:,} tokens needs {need / 2**30:,.1f} GiB, more "
                                    "than this machine's memory: ask for fewer tokens")
         return [KVCache(batch, max_seq_len or cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim,

@@ -28,14 +28,14 @@ class PackedHeader:
     lora: dict | None = None  # {"rank", "scale", "dtype"} of the LoRA adapters the file holds
 
 
-def is_packed(path: Path, damaged: bool = True) -> bool:
-    """Whether `path` is a packed file; `damaged` is the answer for an unreadable .safetensors file."""
+def is_packed(path: Path, if_unreadable: bool = True) -> bool:
+    """Whether `path` is a packed file; `if_unreadable` is the answer for an unreadable .safetensors file."""
     if not (path.is_file() and path.suffix == ".safetensors"):
         return False
     try:
         return _raw_metadata(path).get("format") == FORMAT_NAME
     except PocketQuantError:
-        return damaged
+        return if_unreadable
 
 
 def _raw_metadata(path: Path) -> dict:

@@ -4,6 +4,8 @@ BPE tokenizer embedded in a GGUF file; chat templates rendered with Jinja as Hug
 from __future__ import annotations
 
 import functools
+import re
+import resource
 import sys
 import time
 from pathlib import Path
@@ -95,21 +97,30 @@ def _default_template(special: dict[str, int]) -> str | None:
 # A chat template is code from the model's files: its rendering is sandboxed and bounded.
 RENDER_SECONDS = 2.0
 RENDER_CHARS = 1 << 24
+RENDER_MEMORY = 256 << 20  # bytes the peak memory may grow by while one template renders
 _TEMPLATE_FILE = "<chat template>"
 
 
 def _render(template: str, **context) -> str:
-    """Render a chat template in Jinja's sandbox, within RENDER_SECONDS and RENDER_CHARS."""
+    """Render a chat template in Jinja's sandbox, within RENDER_SECONDS, RENDER_CHARS and RENDER_MEMORY."""
     compiled = _compile_template(template)
-    deadline = time.monotonic() + RENDER_SECONDS
+    deadline, memory = time.monotonic() + RENDER_SECONDS, _memory() + RENDER_MEMORY
+    next_look = [0.0]  # when to look at the memory again: every half millisecond is enough to catch
+    # an operation that allocates much, since that takes longer
 
-    def check_time(frame, event, arg):  # traces the lines of the template's own code only
-        if time.monotonic() > deadline:
+    def check(frame, event, arg):  # traces the lines of the template's own code only
+        now = time.monotonic()
+        if now > deadline:
             raise PocketQuantError(f"chat template: rendering took longer than {RENDER_SECONDS:g} s; refusing it")
-        return check_time
+        if now > next_look[0]:
+            next_look[0] = now + 0.0005
+            if _memory() > memory:
+                raise PocketQuantError(f"chat template: rendering took more than {RENDER_MEMORY >> 20} MB; "
+                                       "refusing it")
+        return check
 
     previous = sys.gettrace()
-    sys.settrace(lambda frame, event, arg: check_time if frame.f_code.co_filename == _TEMPLATE_FILE else None)
+    sys.settrace(lambda frame, event, arg: check if frame.f_code.co_filename == _TEMPLATE_FILE else None)
     try:
         pieces, size = [], 0
         for piece in compiled.generate(**context):
@@ -126,6 +137,19 @@ def _render(template: str, **context) -> str:
         sys.settrace(previous)
 
 
+def _memory() -> int:
+    """This process's resident memory in bytes (where /proc is missing: its peak so far)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+_PAGE = resource.getpagesize()
+
+
 @functools.lru_cache(maxsize=8)
 def _compile_template(template: str):
     try:
@@ -134,18 +158,47 @@ def _compile_template(template: str):
         raise PocketQuantError(f"chat template cannot be compiled: {type(e).__name__}: {e}") from e
 
 
+def _bounded_filter(name: str, fn):
+    """`fn`, refusing arguments that would make its result huge (center(10**9), replace by a long text, ...)."""
+
+    @functools.wraps(fn)
+    def bounded(*args, **kwargs):
+        values = [*args, *kwargs.values()]
+        widths = [abs(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
+        texts = [len(v) for v in values if isinstance(v, str)]
+        digits = [int(d) for v in values if isinstance(v, str) for d in re.findall(r"\d{1,12}", v)]
+        if max(widths + digits, default=0) > RENDER_CHARS or (name == "replace" and len(texts) >= 3
+                                                              and texts[0] * max(1, texts[2]) > RENDER_CHARS):
+            raise PocketQuantError(f"chat template: the filter {name} would make too large a text")
+        return fn(*args, **kwargs)
+    return bounded
+
+
+def _check_size(operator: str, left, right):
+    """Refuse a sequence * n, a sequence + a sequence or an int ** int whose result would be huge, before
+    it is computed (one such operation cannot be interrupted)."""
+    sequence = (str, list, tuple)
+    ints = [v for v in (left, right) if isinstance(v, int) and not isinstance(v, bool)]
+    seqs = [v for v in (left, right) if isinstance(v, sequence)]
+    huge = ((operator == "*" and len(seqs) == 1 and len(ints) == 1 and len(seqs[0]) * abs(ints[0]) > RENDER_CHARS)
+            or (operator == "+" and len(seqs) == 2 and len(left) + len(right) > RENDER_CHARS)
+            or (operator == "**" and len(ints) == 2 and abs(right) > 64 and abs(left) > 1)
+            or (operator == "%" and isinstance(left, str)  # "%1000000000s" % x
+                and max(map(int, re.findall(r"\d{1,12}", left)), default=0) > RENDER_CHARS))
+    if huge:
+        raise PocketQuantError(f"chat template: {left!r:.20} {operator} {right!r:.20} is too large")
+
+
 @functools.lru_cache(maxsize=1)
 def _template_environment():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class Environment(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**"})
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
 
         def call_binop(self, context, operator, left, right):
             # "x" * 10**10 or 10**10**10 would allocate or compute for ever inside one operation
-            sizes = [abs(v) for v in (left, right) if isinstance(v, int)]
-            if (operator == "**" and sizes and max(sizes) > 64) or max(sizes, default=0) > RENDER_CHARS:
-                raise PocketQuantError(f"chat template: {left!r:.20} {operator} {right!r:.20} is too large")
+            _check_size(operator, left, right)
             return super().call_binop(context, operator, left, right)
 
         def _compile(self, source, filename):
@@ -156,6 +209,8 @@ def _template_environment():
 
     env = Environment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    for name in ("center", "indent", "wordwrap", "truncate", "replace", "format"):  # can make one huge string
+        env.filters[name] = _bounded_filter(name, env.filters[name])
     return env
 
 

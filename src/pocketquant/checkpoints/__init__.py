@@ -73,7 +73,7 @@ def load_float_model(source: str | Path, dtype: str | torch.dtype = torch.float3
     """`load_model` for the algorithms that start from float weights: a packed file is refused."""
     from pocketquant.packed import is_packed
 
-    if is_packed(Path(str(source))):
+    if is_packed(Path(str(source)), if_unreadable=False):
         raise PocketQuantError(f"{source} is already quantized (a pocketquant packed file); start from its float "
                                "model instead")
     return load_model(source, dtype)

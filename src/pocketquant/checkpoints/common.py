@@ -48,7 +48,7 @@ def assemble(config: ModelConfig, tensors: TensorSource, dtype: torch.dtype, sou
 
 def check_layer_count(config: ModelConfig, names, source: str):
     """Refuse a config whose number of layers the tensor names do not bear out, before a model is built."""
-    found = {int(m.group(1)) for n in names if (m := re.match(r"layers\.(\d+)\.", n))}
+    found = {int(m.group(1)) for n in names if (m := re.match(r"layers\.(\d{1,9})\.", n))}
     if found != set(range(config.n_layers)):
         raise PocketQuantError(f"{source}: the config says {config.n_layers} layers, but the weights hold "
                                f"{len(found)} (numbered up to {max(found, default=-1)})")

@@ -83,7 +83,7 @@ def load_hf(path: Path, dtype):
 
     config = read_config(path)
     files = weight_files(path)
-    packed = [f.name for f in files if is_packed(f, damaged=False)]
+    packed = [f.name for f in files if is_packed(f, if_unreadable=False)]
     if packed:
         raise PocketQuantError(f"{path}: {packed[0]} is a pocketquant packed file, not Hugging Face weights; "
                                "give its path on its own")

@@ -82,8 +82,8 @@ def evaluate(sources: list[str], data: str | None = None, tasks: list[str] | Non
 
     if not sources:
         raise PocketQuantError("name at least one model")
-    if (context is not None and context < 2) or (stride is not None and not 0 < stride <= (context or stride)):
-        raise PocketQuantError(f"need context >= 2 and 0 < stride <= context, got {context} and {stride}")
+    if (context is not None and context < 2) or (stride is not None and stride < 1):
+        raise PocketQuantError(f"need context >= 2 and stride >= 1, got {context} and {stride}")
     if limit is not None and limit < 1:
         raise PocketQuantError(f"--limit must be >= 1 token, got {limit}")
     text, text_name = load_text(data)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pocketquant.data import read_text
 from pocketquant.errors import PocketQuantError
 
 
@@ -28,8 +29,6 @@ def load_mc(path: str | Path) -> list[MCItem]:
     if not path.is_file():
         raise PocketQuantError(f"no such task file: {path}")
     items = []
-    from pocketquant.data import read_text
-
     for n, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue

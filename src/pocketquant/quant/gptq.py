@@ -8,7 +8,6 @@ After each layer the state is checkpointed, so a killed run resumes from the las
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +123,7 @@ class _State:
         inputs = {"x": x.cpu().contiguous()}
         self.dir.commit({"done": i + 1}, {f"layer-{i}.safetensors": lambda p: save_file(tensors, str(p)),
                                           f"inputs-{i}.safetensors": lambda p: save_file(inputs, str(p))},
-                        drop=[f"inputs-{i - 1}.safetensors"])
+                        drop=[f"inputs-{i - 1}.safetensors"])  # the previous layer's inputs
 
     def restore(self, i: int, layer: torch.nn.Module, plan: dict):
         tensors = load_file(str(self.dir.file(f"layer-{i}.safetensors")),
@@ -147,7 +146,8 @@ def _shape(linear) -> tuple[int, int]:
 def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress=None,
           state_dir: str | Path | None = None, batch: int = 8) -> Transformer:
     """Quantize `model` in place with GPTQ on calibration `tokens` [n, T]; embedding and output by RTN.
-    With `state_dir`, each finished layer is checkpointed there and a rerun resumes after it. Runs on
+    With `state_dir`, each finished layer is checkpointed there and a rerun resumes after it; the caller
+    removes it (`gptq_state(state_dir).remove()`) once the result is safely written. Runs on
     the model's device (CPU, or CUDA when the model is there)."""
     scheme = config.scheme
     check_plan(model, scheme)
@@ -156,8 +156,7 @@ def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress
     n_layers, T = len(model.layers), tokens.shape[1]
     state = None
     if state_dir:  # the key: the settings, the calibration tokens and the weights it starts from
-        digest = hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()
-        state = _State(Path(state_dir), {**config.to_dict(), "tokens": digest, "shape": list(tokens.shape),
+        state = _State(Path(state_dir), {**config.to_dict(), "tokens": tensors_digest({"tokens": tokens}),
                                          "model": tensors_digest(model.state_dict())})
     start = state.done(n_layers) if state else 0
     tokens = tokens.to(model.device)
@@ -183,15 +182,18 @@ def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress
             if state:
                 state.save(i, layer, x)
     except PocketQuantError:
-        if state:
-            state.dir.discard_if_empty()  # a refused run (e.g. a Hessian GPTQ cannot invert) leaves nothing behind
+        if state:  # a refused run (e.g. a Hessian GPTQ cannot invert) leaves nothing behind
+            state.dir.remove(only_if_uncommitted=True)
         raise
     if plan["lm_head"] is not None:
         model.lm_head = QuantLinear.from_float(model.lm_head.weight, plan["lm_head"], "lm_head")
     quantize_embedding(model, scheme)
-    if state:
-        state.dir.remove()
     return model
+
+
+def gptq_state(state_dir: str | Path) -> StateDir:
+    """The checkpoint directory `apply` keeps (whatever its key): `.remove()` it once the result is saved."""
+    return StateDir(state_dir, "GPTQ", {})
 
 
 def _hessians(layer, layer_plan: dict, x, cos, sin, mask, batch: int) -> dict[str, torch.Tensor]:

@@ -107,6 +107,7 @@ def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: s
                            state_dir=out.with_name(out.name + ".gptq-state"))
     recipe.append(config.to_dict())
     save_packed(out, model, scheme, recipe, loaded.tokenizer)
+    gptq.gptq_state(out.with_name(out.name + ".gptq-state")).remove()  # kept until the file was written
     lm = model.lm_head
     table = lm.qweight.numel() * lm.qweight.element_size() + lm.scales.numel() * lm.scales.element_size() \
         if hasattr(lm, "qweight") else 0

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pocketquant.errors import PocketQuantError
-from pocketquant.files import StateDir
+from pocketquant.files import StateDir, tensors_digest
 from pocketquant.model import Transformer
 from pocketquant.quant import qat
 from pocketquant.quant.distributed import join_torchrun, world_and_rank
@@ -120,12 +120,13 @@ def loss_of(model, teacher, ids: torch.Tensor, mask: torch.Tensor, distill: floa
 
 
 def train(model: Transformer, teacher: Transformer | None, config: TrainConfig, ids: torch.Tensor,
-          mask: torch.Tensor, state_dir: str | Path | None = None, progress=None, source_id: str = ""
+          mask: torch.Tensor, state_dir: str | Path | None = None, progress=None, source_id: str | None = None
           ) -> tuple[Transformer, list[float]]:
     """Fake-quantize `model` (float) and train it as `config` says; returns it (still fake-quantized,
     with its adapters; `qat.convert` packs it) and the loss of every optimizer step, phase after phase.
     With `state_dir` the state is committed there every `checkpoint_every` steps, and a run with the same
-    settings, data and `source_id` (what identifies the starting weights) resumes from it."""
+    settings, data and `source_id` (what identifies the starting weights; default: the digest of `model`'s)
+    resumes from it."""
     if config.distill > 0 and teacher is None:
         raise PocketQuantError("distillation needs the float model as teacher")
     world, rank = world_and_rank()
@@ -136,6 +137,8 @@ def train(model: Transformer, teacher: Transformer | None, config: TrainConfig, 
     model.gradient_checkpointing = config.grad_checkpointing
     if teacher is not None:
         teacher.eval().requires_grad_(False)
+    if state_dir and source_id is None:
+        source_id = tensors_digest(model.state_dict())
     saved = _state_dir(state_dir, config, _data_id(ids, mask), source_id) if state_dir else None
     state = _load_state(saved, rank)
     if state:
@@ -205,10 +208,11 @@ def train_model(source: str | Path, out: str | Path, config: TrainConfig = Train
     Under torchrun the first process writes the file and the others return None."""
     from pocketquant.checkpoints import check_length, load_float_model, load_model
     from pocketquant.data import training_examples
-    from pocketquant.files import check_output, tensors_digest
+    from pocketquant.files import check_output
     from pocketquant.layers import check_plan
     from pocketquant.packed import save_packed
     from pocketquant.progress import bar
+    from pocketquant.quant.gptq import gptq_state
     from pocketquant.quant.lora import merge_lora as merge
 
     rotations = config.rotations if config.rotations != "hadamard" else None
@@ -232,8 +236,7 @@ def train_model(source: str | Path, out: str | Path, config: TrainConfig = Train
                               source_id)
     except PocketQuantError:
         if rank == 0:
-            saved.read()
-            saved.discard_if_empty()  # a refused run leaves nothing behind
+            saved.remove(only_if_uncommitted=True)  # a refused run leaves nothing behind
         raise
     if rank:
         return None
@@ -243,7 +246,7 @@ def train_model(source: str | Path, out: str | Path, config: TrainConfig = Train
     recipe = [{**config.to_dict(), "data": str(data) if data else "shipped calibration text",
                "lora_merged": merge_lora}]
     save_packed(out, model, config.scheme, recipe, loaded.tokenizer)
-    saved.read()  # the files of the last step, to remove
+    gptq_state(state_dir / "gptq").remove()  # the starting point's, kept until the file is written
     saved.remove()
     world = world_and_rank()[0]
     tokens = len(losses) * config.batch * config.grad_accum * world * config.seq_len
@@ -295,8 +298,7 @@ def _state_dir(path: str | Path, config: TrainConfig, data_id: str, source_id: s
 def _save_state(saved: StateDir, phase: int, step: int, model, optimizer, losses):
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "losses": list(losses)}
     name = f"state-{phase}-{step}.pt"
-    saved.commit({"phase": phase, "step": step, "file": name}, {name: lambda tmp: torch.save(state, tmp)},
-                 drop=[saved.info["file"]] if saved.info else [])
+    saved.commit({"phase": phase, "step": step}, {name: lambda tmp: torch.save(state, tmp)}, drop=list(saved.files))
 
 
 def _load_state(saved: StateDir | None, rank: int) -> dict | None:
@@ -305,7 +307,9 @@ def _load_state(saved: StateDir | None, rank: int) -> dict | None:
     if not info:
         return None
     try:
-        state = torch.load(saved.file(info["file"]), map_location="cpu", weights_only=True)
+        (name,) = saved.files  # the one file of the last committed step
+        state = torch.load(saved.file(name), map_location="cpu", weights_only=True)
         return {**state, "phase": int(info["phase"]), "step": int(info["step"])}
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, KeyError, TypeError, ValueError) as e:
+        # ValueError: also a manifest naming other than one file
         raise PocketQuantError(f"{saved.path}: damaged training state ({e!r}); delete it to start over") from e

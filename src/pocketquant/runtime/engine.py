@@ -129,9 +129,9 @@ class FastDecode:
         cache = caches[0]
         if x.shape[0] != 1 or x.dtype != torch.float32 or (cache.bits != 8 and cache.k.dtype != torch.float32):
             return None
-        out = x.reshape(-1).clone()
-        kernels.decode_layers(self.layers, self._cache_params(caches), out, start_pos, self.inv_freq, self.scratch,
-                              self.qa, torch.get_num_threads())
+        out, params = x.reshape(-1).clone(), self._cache_params(caches)  # sizes the scratch for these caches
+        kernels.decode_layers(self.layers, params, out, start_pos, self.inv_freq, self.scratch, self.qa,
+                              torch.get_num_threads())
         return out.view(1, 1, -1)
 
 
