@@ -53,7 +53,7 @@ def wrong_types(obj) -> list[str]:
     numbers; bools: true/false). Integral numbers of other kinds (NumPy's) become plain ints."""
     problems = []
     for f in dataclasses.fields(obj):
-        value, kind = getattr(obj, f.name), f.type
+        value, kind = getattr(obj, f.name), f.type  # a string: config.py and scheme.py postpone annotations
         if kind == "int" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
             object.__setattr__(obj, f.name, int(value))
         elif kind == "float" and isinstance(value, numbers.Real) and not isinstance(value, bool) \

@@ -17,6 +17,7 @@ PARTIAL = ".partial-"  # temporary files are named .NAME.partial-PID-RANDOM
 
 
 def sha256_of(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):

@@ -43,6 +43,7 @@ def set_threads(threads: int | None):
 
 
 def available_cpus() -> int:
+    """The CPUs this process may run on."""
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

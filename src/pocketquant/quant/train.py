@@ -288,6 +288,7 @@ def rotate(model: Transformer, config: TrainConfig) -> Transformer:
 
 
 def _data_id(ids: torch.Tensor, mask: torch.Tensor) -> str:
+    """What identifies the training examples in a state's key."""
     return hashlib.sha256(ids.numpy().tobytes() + mask.numpy().tobytes()).hexdigest()[:16]
 
 
