@@ -209,7 +209,8 @@ def test_nan_weights_are_refused(tiny, capsys):
     tensors = load_file(d / "model.safetensors")
     tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
-    refused(capsys, "generate", d, "--prompt", "hi", match="layers.1.mlp.up_proj.weight holds NaN or infinite")
+    refused(capsys, "generate", d, "--prompt", "hi",
+            match="layers.1.mlp.up_proj.weight: 1 NaN/inf weights (first in row 3)")
 
 
 def test_a_chat_template_that_never_ends_is_stopped(tiny, capsys):

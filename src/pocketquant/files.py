@@ -66,7 +66,7 @@ def _replaces(out: Path, source: Path) -> bool:
         return False
     if source.is_dir():
         return source.resolve() in out.resolve().parents
-    return os.path.samefile(out, source) or out.resolve() == source.resolve()
+    return os.path.samefile(out, source)  # also through links and hard links
 
 
 def _check_writable(path: Path):
@@ -177,7 +177,7 @@ class StateDir:
             if saved is None and any(not p.name.startswith(f".{self.MANIFEST}{PARTIAL}") for p in self.path.iterdir()):
                 raise PocketQuantError(f"{self.path} holds files that are not pocketquant {self.kind} state; "
                                        "move them away or choose another output name")
-            if saved is not None and _committed(saved):
+            if saved is not None:
                 self._take_up(saved)
             for name in set(saved["pending"] if saved else ()) - set(self.files):  # an interrupted step's files
                 (self.path / name).unlink(missing_ok=True)
@@ -191,14 +191,16 @@ class StateDir:
         """Like `open`, for a process that only reads the state another one writes: changes nothing."""
         try:
             saved = self._manifest()
-            if saved is not None and _committed(saved):
+            if saved is not None:
                 self._take_up(saved)
         except OSError as e:
             raise PocketQuantError(f"{self.path}: {e.strerror or e}") from e
         return self.info
 
     def _take_up(self, saved: dict):
-        """Check the committed step of a manifest against this run and its files, then make it ours."""
+        """Check the committed step of a manifest (if any) against this run and its files, then make it ours."""
+        if not _committed(saved):
+            return  # nothing to resume, whatever run it was
         if saved["key"] != self.key:
             raise PocketQuantError(f"{self.path} holds a {self.kind} run with other settings or another model; "
                                    "delete it to start over")

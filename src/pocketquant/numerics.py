@@ -18,12 +18,12 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def check_finite(w: torch.Tensor, name: str):
+def check_finite(w: torch.Tensor, name: str, refusal: str = "refusing to quantize"):
+    """Refuse weights that hold NaN or infinite values, saying how many and where the first is."""
     bad = ~torch.isfinite(w)
     if bad.any():
         row = int(bad.nonzero()[0, 0])
-        raise PocketQuantError(f"{name}: {int(bad.sum())} NaN/inf weights (first in row {row}); "
-                               "refusing to quantize")
+        raise PocketQuantError(f"{name}: {int(bad.sum())} NaN/inf weights (first in row {row}); {refusal}")
 
 
 def _base_scales(wg: torch.Tensor, spec: WeightSpec) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from pocketquant.config import ModelConfig
 from pocketquant.errors import PocketQuantError
 from pocketquant.model import Transformer
+from pocketquant.numerics import check_finite
 
 TensorSource = Mapping[str, Callable[[], torch.Tensor]]  # name -> lazy tensor getter
 
@@ -80,8 +81,8 @@ def fill_model(model: Transformer, tensors: TensorSource, dtype: torch.dtype, so
             raise PocketQuantError(f"{source}: tensor {name} is {t.dtype}, expected {want.dtype}")
         if name in params and not t.is_floating_point():
             raise PocketQuantError(f"{source}: tensor {name} is {t.dtype}, expected floating-point weights")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise PocketQuantError(f"{source}: tensor {name} holds NaN or infinite values (a damaged file?)")
+        if t.is_floating_point():
+            check_finite(t, f"{source}: tensor {name}", "refusing to load it (a damaged file?)")
         state[name] = t.to(dtype) if name in params else t
     model.load_state_dict(state, strict=False, assign=True)
     tie_output(model)

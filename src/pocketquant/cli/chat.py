@@ -15,10 +15,11 @@ def register(p):
 
 
 def run(args) -> int:
-    from pocketquant.errors import PocketQuantError
     from pocketquant.runtime.chat import ChatSession
 
     sampling = sampling_from(args)
+    if hasattr(sys.stdin, "reconfigure"):  # bad bytes reach utf8_text, which names them
+        sys.stdin.reconfigure(errors="surrogateescape")
     system = args.system and utf8_text(args.system, "--system")
     loaded = open_model(args)
     session = ChatSession(loaded.model, loaded.tokenizer, system)
@@ -29,10 +30,7 @@ def run(args) -> int:
         if interactive:
             sys.stderr.write("> ")
             sys.stderr.flush()
-        try:
-            line = sys.stdin.readline()
-        except UnicodeDecodeError as e:
-            raise PocketQuantError(f"the input is not valid UTF-8 text ({e.reason} at byte {e.start})") from e
+        line = sys.stdin.readline()
         if not line.strip():
             return 0
         for piece in session.send(utf8_text(line.rstrip("\n"), "the input"), args.max_new_tokens, sampling):
