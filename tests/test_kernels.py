@@ -1,5 +1,10 @@
 """Native kernels against the reference numerics, on every code path this CPU can run."""
 
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,16 +16,15 @@ from pocketquant.runtime.engine import FastLinear, SharedActivations
 from pocketquant.scheme import ActSpec, LinearSpec, WeightSpec
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
-LEVELS = [lv for lv in (2, 1, 0) if kernels.set_level(lv) == kernels.LEVELS[lv]]
-kernels.set_level(-1)
+PATHS = kernels.supported() if kernels.available() else []
 G = torch.Generator().manual_seed(0)
 
 
-@pytest.fixture(params=LEVELS, ids=lambda lv: kernels.LEVELS[lv])
-def level(request):
-    kernels.set_level(request.param)
+@pytest.fixture(params=PATHS)
+def path(request):
+    kernels.select(request.param)
     yield request.param
-    kernels.set_level(-1)
+    kernels.select(None)
 
 
 @pytest.mark.parametrize("M, K", [(1, 64), (3, 100), (7, 576), (2, 1)])
@@ -32,42 +36,85 @@ def test_activation_quantization_is_bit_exact(M, K):
     assert torch.equal(qa.int() - 128, q.int()) and torch.equal(scale, s[:, 0]) and torch.equal(zp.float(), z[:, 0])
 
 
-@pytest.mark.parametrize("K", [32, 64, 96, 128, 576, 1536])
-def test_int4_layout_reorders_the_same_bytes(K):
-    """Each unit of four 32-blocks holds the first halves of its blocks, then their second halves."""
-    x = torch.randn(3, K, generator=G)
-    natural = kernels.quantize_rows(x)
-    qa, scale, zp = kernels.quantize_rows(x, int4_layout=True)
-    assert torch.equal(scale, natural[1]) and torch.equal(zp, natural[2])
-    order = []
-    for u0 in range(0, K // 32, 4):
-        blocks = range(u0, min(u0 + 4, K // 32))
-        order += [32 * b + j for half in (0, 16) for b in blocks for j in range(half, half + 16)]
-    assert torch.equal(qa, natural[0][:, order])
-
-
 SHAPES = [(1, 64, 8, 32), (1, 576, 192, 32), (5, 1536, 576, 32), (9, 96, 17, 32), (4, 160, 33, 32),
           (3, 256, 40, 128), (2, 192, 24, 64), (19, 576, 9, 32), (8, 2048, 16, 32), (1, 32, 5, 32)]
 
 
+def _fast(q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    return FastLinear(q, SharedActivations())(x)
+
+
 @pytest.mark.parametrize("M, K, N, group", SHAPES)
-def test_int4_linear_matches_reference(level, M, K, N, group):
+def test_int4_linear_matches_reference(path, M, K, N, group):
     q = QuantLinear.from_float(torch.randn(N, K, generator=G) * 0.05, LinearSpec(WeightSpec(4, group), ActSpec()))
     x = torch.randn(M, K, generator=G)
-    ref, out = q(x), FastLinear(q, SharedActivations())(x)
+    ref, out = q(x), _fast(q, x)
     torch.testing.assert_close(out, ref, atol=3e-6 * ref.abs().max().item(), rtol=0)
 
 
-@pytest.mark.parametrize("M, K, N", [(1, 576, 100), (6, 64, 7), (3, 96, 1000)])
-def test_int8_linear_matches_reference(level, M, K, N):
+@pytest.mark.parametrize("M, K, N", [(1, 576, 100), (6, 64, 7), (3, 96, 1000), (9, 32, 17)])
+def test_int8_linear_matches_reference(path, M, K, N):
     q = QuantLinear.from_float(torch.randn(N, K, generator=G), LinearSpec(WeightSpec(8, 0), ActSpec()))
     x = torch.randn(M, K, generator=G)
-    ref, out = q(x), FastLinear(q, SharedActivations())(x)
+    ref, out = q(x), _fast(q, x)
     torch.testing.assert_close(out, ref, atol=3e-6 * ref.abs().max().item(), rtol=0)
+
+
+TOKENS = [1, 7, 8, 9, 64, 513]
+
+
+def _same_bits_on_every_path(paths: list[str], bits: int, K: int, N: int, tokens: list[int]):
+    spec = LinearSpec(WeightSpec(bits, 32 if bits == 4 else 0), ActSpec())
+    q = QuantLinear.from_float(torch.randn(N, K, generator=G) * 0.05, spec)
+    x = torch.randn(max(tokens), K, generator=G)
+    x[min(3, len(x) - 1)] *= 1000  # one token of a very different scale
+    f, outs = FastLinear(q, SharedActivations()), {}  # one packed layout serves every path
+    for p in paths:
+        kernels.select(p)
+        try:
+            outs[p] = [f(x[:m]) for m in tokens]
+        finally:
+            kernels.select(None)
+    first = outs[paths[0]]
+    for p in paths[1:]:
+        for m, a, b in zip(tokens, first, outs[p]):
+            assert torch.equal(a, b), f"{paths[0]} and {p} differ with {m} tokens"
+    ref = q(x)
+    torch.testing.assert_close(first[-1], ref, atol=3e-6 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("K", [32, 576, 2048, 8192])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_path_gives_the_same_bits(bits, K):
+    """Every path performs the same float operations in the same order (kernels.h), so on the same
+    inputs they agree bit for bit, whatever the token count (tiles and their remainders) or row count
+    (a partial last panel)."""
+    _same_bits_on_every_path(PATHS, bits, K, 37 if K > 2048 else 53, TOKENS)
+
+
+SIMDE = Path("/usr/include/simde/x86/avx512.h")
+
+
+@pytest.mark.skipif(not SIMDE.exists() or not shutil.which("gcc") or "avx2" not in PATHS,
+                    reason="needs gcc, SIMDe (apt libsimde-dev) and an AVX2 CPU")
+def test_paths_this_cpu_lacks_give_the_same_bits_emulated(tmp_path, monkeypatch):
+    """The x86 kernels built on SIMDe's intrinsics run on an AVX2 CPU whatever else it has, so the AVX-512
+    path is checked on an AVX2-only machine too (with the CPU's own FMA: SIMDe's fallback is unfused)."""
+    src = Path(kernels.__file__).parent
+    out = tmp_path / "emulated.so"
+    subprocess.run(["gcc", "-O1", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off",
+                    "-fopenmp", "-DPQ_EMULATE",
+                    *(str(src / f"{name}.c") for name in ("kernels", "gemm", "gemm_x86")), "-o", str(out), "-lm"],
+                   check=True)
+    monkeypatch.setattr(kernels, "_lib", kernels._bind(ctypes.CDLL(str(out))))
+    assert kernels.supported() == kernels.paths() == ["avx512", "avx2", "portable"]
+    for bits in (4, 8):
+        for K, N in ((32, 17), (576, 33), (2048, 16)):
+            _same_bits_on_every_path(kernels.paths(), bits, K, N, [1, 7, 8, 9, 20])
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_integer_accumulation_is_exact(level, bits):
+def test_integer_accumulation_is_exact(path, bits):
     """With unit scales and integer activations spanning [-128, 127] (scale 1, zero point 0), every float
     step is exact, so the kernel must return the integer matrix product itself."""
     K, N, M = 192, 24, 3
@@ -91,7 +138,7 @@ def test_projections_share_one_quantized_activation():
     x = torch.randn(2, 64, generator=G)
     calls = []
     quantize = kernels.quantize_rows
-    kernels.quantize_rows = lambda t, *layout: calls.append(t) or quantize(t, *layout)
+    kernels.quantize_rows = lambda t: calls.append(t) or quantize(t)
     try:
         ya, yb = a(x), b(x)  # b reuses a's quantized activation...
         assert len(calls) == 1 and shared.source is None and shared.value is None  # ...then both forget it

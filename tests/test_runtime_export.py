@@ -34,15 +34,15 @@ def packed(tiny_text_dir, tmp_path):
 
 @pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
 @pytest.mark.parametrize("kv_cache_bits", [None, 8])
-@pytest.mark.parametrize("level", [2, 1, 0], ids=["avx512-vnni", "avx2", "portable"])
-def test_fast_runtime_matches_the_reference_model(tiny_text_dir, tmp_path, kv_cache_bits, level):
-    if kernels.set_level(level) != kernels.LEVELS[level]:
-        kernels.set_level(-1)
-        pytest.skip(f"this CPU has no {kernels.LEVELS[level]}")
+@pytest.mark.parametrize("path", ["avx512", "avx2", "portable"])
+def test_fast_runtime_matches_the_reference_model(tiny_text_dir, tmp_path, kv_cache_bits, path):
+    if path not in kernels.supported():
+        pytest.skip(f"this CPU cannot run the {path} kernels")
+    kernels.select(path)
     try:
         _fast_runtime_matches_the_reference_model(tiny_text_dir, tmp_path, kv_cache_bits)
     finally:
-        kernels.set_level(-1)
+        kernels.select(None)
 
 
 def _fast_runtime_matches_the_reference_model(tiny_text_dir, tmp_path, kv_cache_bits):

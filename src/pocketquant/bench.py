@@ -39,11 +39,15 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
     return torch.randint(100, min(vocab, 30000), (n,), generator=g).tolist()
 
 
-def _torch_runner(cfg: Config, s: Settings):
+def _torch_runner(cfg: Config, s: Settings, paths: dict):
     from pocketquant.runtime import load
     from pocketquant.runtime.generate import stream_tokens
 
     model = load(cfg.source, cfg.dtype, "reference" if cfg.kind == "reference" else "fast").model
+    if cfg.kind != "torch":
+        from pocketquant.runtime.engine import kernel_paths
+
+        paths.update(kernel_paths(model))
     prompt = prompt_ids(model.config.vocab_size, s.prompt_tokens)
 
     @torch.inference_mode()
@@ -69,7 +73,7 @@ def llama_last_logits(llm):
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
-def _llama_runner(cfg: Config, s: Settings):
+def _llama_runner(cfg: Config, s: Settings, paths: dict):
     import numpy as np
     from llama_cpp import Llama
 
@@ -106,7 +110,8 @@ def measure(cfg: Config, s: Settings) -> dict:
     """Run one configuration in this process; returns every figure by name."""
     torch.set_num_threads(s.threads)
     t0 = time.perf_counter()
-    once, size = (_llama_runner if cfg.kind == "llama.cpp" else _torch_runner)(cfg, s)
+    paths = {}  # module family -> the kernel path it runs (packed models)
+    once, size = (_llama_runner if cfg.kind == "llama.cpp" else _torch_runner)(cfg, s, paths)
     load_s = time.perf_counter() - t0
     once()  # warm-up
     runs = [once() for _ in range(s.repeats)]
@@ -114,7 +119,7 @@ def measure(cfg: Config, s: Settings) -> dict:
     return {"label": cfg.label, "kind": cfg.kind, "source": cfg.source, "dtype": cfg.dtype,
             "file_bytes": size, "load_s": load_s, "peak_rss_mb": peak_rss_mb(),
             "ttft_ms": 1000 * ttft, "prefill_tok_s": s.prompt_tokens / ttft,
-            "decode_tok_s": statistics.median(r[1] for r in runs)}
+            "decode_tok_s": statistics.median(r[1] for r in runs), "kernel_paths": paths}
 
 
 def peak_rss_mb() -> float:
@@ -207,7 +212,7 @@ def bench(packed: str, float_source: str | None, llama_cpp: bool = False, refere
         results.append(measure_isolated(cfg, settings))
     per_token = decode_bytes_per_token(packed)
     roofline = bw * 1e9 / per_token
-    return {"settings": asdict(settings), "kernels": kernels.level(), "bandwidth_gb_s": bw,
+    return {"settings": asdict(settings), "kernels": kernels.path(), "bandwidth_gb_s": bw,
             "decode_bytes_per_token": per_token, "decode_roofline_tok_s": roofline,
             "decode_of_roofline": results[0]["decode_tok_s"] / roofline, "configs": results}
 
@@ -248,6 +253,8 @@ def table(result: dict) -> str:
               f"{result['decode_bytes_per_token'] / 1e6:.1f} MB/token -> roofline "
               f"{result['decode_roofline_tok_s']:.1f} tok/s; pocketquant decode is "
               f"{result['decode_of_roofline']:.0%} of it"]
+    paths = cfgs[0].get("kernel_paths", {})
+    lines += ["", f"{cfgs[0]['label']} runs:"] + [f"  {family:<12} {what}" for family, what in paths.items()]
     return "\n".join(lines)
 
 

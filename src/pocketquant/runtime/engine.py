@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pocketquant.layers import QuantLinear, set_module, with_lora
 from pocketquant.packing import unpack_int4
@@ -23,12 +24,12 @@ class SharedActivations:
     identifies the values; holding it keeps its id from being reused meanwhile)."""
 
     def __init__(self, users: int = 1):
-        self.users, self.left, self.source, self.value, self.int4_layout = users, 0, None, None, False
+        self.users, self.left, self.source, self.value = users, 0, None, None
 
-    def get(self, x: torch.Tensor, int4_layout: bool):
-        if self.source is not x or self.int4_layout != int4_layout:
-            self.source, self.left, self.int4_layout = x, self.users, int4_layout
-            self.value = kernels.quantize_rows(x.reshape(-1, x.shape[-1]).float(), int4_layout)
+    def get(self, x: torch.Tensor):
+        if self.source is not x:
+            self.source, self.left = x, self.users
+            self.value = kernels.quantize_rows(x.reshape(-1, x.shape[-1]).float())
         value = self.value
         self.left -= 1
         if self.left <= 0:
@@ -37,30 +38,48 @@ class SharedActivations:
 
 
 class FastLinear(nn.Module):
-    """Same numbers as `QuantLinear` (integers bit-exact), computed by the native kernels."""
+    """Same numbers as `QuantLinear` (integers bit-exact), computed by the native kernels on weights
+    repacked into panels (kernels.h); the row-major weights are not kept."""
 
     def __init__(self, q: QuantLinear, shared: SharedActivations):
         super().__init__()
         self.in_features, self.out_features, self.spec, self.shared = q.in_features, q.out_features, q.spec, shared
-        self.bits, self.group = q.spec.weight.bits, q.spec.weight.group_for(q.in_features)
-        self.qweight, self.lora = q.qweight, q.lora
+        self.bits, self.group, self.lora = q.spec.weight.bits, q.spec.weight.group_for(q.in_features), q.lora
+        pad = kernels.panels(q.out_features) * kernels.PANEL - q.out_features
         if self.bits == 4:
-            self.scales = q.scales.view(torch.int16)  # float16 bits, read as such by the kernel
+            self.packed, self.scales = kernels.pack_w4(q.qweight, q.scales, self.group)
             sums = group_sums(q.qweight, self.group, unpack=True)
-            self.rowcorr = (sums.double() * q.scales.double()).sum(-1).float()  # sum_g scale_g * sum(w in g)
+            rowcorr = (sums.double() * q.scales.double()).sum(-1).float()  # sum_g scale_g * sum(w in g)
+            self.rowcorr = F.pad(rowcorr, (0, pad))
         else:
-            self.scales = q.scales.float().reshape(-1).contiguous()
-            self.wsum = group_sums(q.qweight, q.in_features, unpack=False)[:, 0].contiguous()
+            self.packed = kernels.pack_w8(q.qweight)
+            self.scales = F.pad(q.scales.float().reshape(-1), (0, pad))
+            self.wsum = F.pad(group_sums(q.qweight, q.in_features, unpack=False)[:, 0], (0, pad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        acts = self.shared.get(x, int4_layout=self.bits == 4)
-        threads = torch.get_num_threads()
+        acts = self.shared.get(x)
+        threads, N = torch.get_num_threads(), self.out_features
         if self.bits == 4:
-            y = kernels.linear_w4(acts, self.qweight, self.scales, self.rowcorr, self.group, threads)
+            y = kernels.linear_w4(acts, self.packed, self.scales, self.rowcorr, self.group, N, threads)
         else:
-            y = kernels.linear_w8(acts, self.qweight, self.scales, self.wsum, threads)
-        y = y.reshape(*x.shape[:-1], self.out_features)
+            y = kernels.linear_w8(acts, self.packed, self.scales, self.wsum, N, threads)
+        y = y.reshape(*x.shape[:-1], N)
         return with_lora(self, x, y if x.dtype == torch.float32 else y.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w{self.bits} g{self.group}, kernels {kernels.path()}"
+
+
+class PackedEmbedding(nn.Module):
+    """The int8 embedding lookup from the output layer's packed table, for models whose embedding and
+    output share one table (the same numbers as QuantEmbedding, without a second copy)."""
+
+    def __init__(self, head: FastLinear, out_dtype: torch.dtype):
+        super().__init__()
+        self.head, self.out_dtype = head, out_dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return kernels.gather_w8(self.head.packed, self.head.scales, tokens).to(self.out_dtype)
 
 
 def group_sums(qweight: torch.Tensor, group: int, unpack: bool, rows: int = 256) -> torch.Tensor:
@@ -101,7 +120,7 @@ class FastDecode:
             p.ffn_norm = layer.post_attention_layernorm.weight.data_ptr()
             for i, name in enumerate(PROJECTIONS):  # the modules keep these tensors alive
                 f = layer.get_submodule(name)
-                p.w[i], p.s[i], p.c[i], p.g[i] = (f.qweight.data_ptr(), f.scales.data_ptr(),
+                p.w[i], p.s[i], p.c[i], p.g[i] = (f.packed.data_ptr(), f.scales.data_ptr(),
                                                   f.rowcorr.data_ptr(), f.group)
         m, self.had_down = kernels.hadamard_factor(c.ffn_dim) if c.hadamard_down else (0, None)
         for p in self.layers:  # R4 and R3 of a rotated model, applied inside the native step
@@ -151,5 +170,36 @@ def use_fast_kernels(model: nn.Module) -> nn.Module:
            for layer in model.layers for f in map(layer.get_submodule, PROJECTIONS)):
         model.fused_decode = FastDecode(model)
     if runs_fast(model.lm_head):
+        shared_table = getattr(model, "shares_embedding_output", False)
         model.lm_head = FastLinear(model.lm_head, SharedActivations())
+        if shared_table:
+            model.embed_tokens = PackedEmbedding(model.lm_head, model.embed_tokens.out_dtype)
     return model
+
+
+def kernel_paths(model: nn.Module) -> dict[str, str]:
+    """{module family: what runs it} for a model on the fast runtime, or for a packed model's reference
+    modules (what the fast runtime would run). A family with any module on a slow fallback says SLOW."""
+    from pocketquant.inspect import family_of
+    from pocketquant.layers import QuantEmbedding
+
+    path = kernels.path() if kernels.available() else None
+    found: dict[str, set[str]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, FastLinear) or (isinstance(m, QuantLinear) and path and runs_fast(m)):
+            bits = m.bits if isinstance(m, FastLinear) else m.spec.weight.bits
+            desc = f"{path} int8 x int{bits} GEMM"
+        elif isinstance(m, QuantLinear):
+            desc = "SLOW: reference (a dequantized float copy)" + ("" if path else ", native kernels not built")
+        elif isinstance(m, PackedEmbedding):
+            desc = "int8 lookup in the output layer's packed table"
+        elif isinstance(m, QuantEmbedding):
+            desc = "int8 row lookup"
+        elif isinstance(m, (nn.Linear, nn.Embedding)):
+            desc = "float (PyTorch)"
+        else:
+            continue
+        found.setdefault(family_of(f"{name}.weight"), set()).add(desc)
+    if getattr(model, "fused_decode", None) is not None:
+        found["decode step"] = {f"one native call through every layer ({path})"}
+    return {family: "; ".join(sorted(d)) for family, d in found.items()}

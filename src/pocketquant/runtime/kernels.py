@@ -4,19 +4,37 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import os
 from pathlib import Path
 
 import torch
 
 from pocketquant.errors import PocketQuantError
 
-LEVELS = {0: "portable C", 1: "AVX2", 2: "AVX-512 VNNI"}
+ENV = "POCKETQUANT_KERNELS"
 _lib = None
 P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+PANEL = 16  # weight rows packed together (kernels.h)
+
+
+def _bind(cdll: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the argument types of the library's entry points."""
+    cdll.pq_quantize_rows.argtypes = [P, I64, I64, P, P, P]
+    cdll.pq_linear_w4.argtypes = [P, P, P, I64, I64, P, P, P, I64, P, I64, INT]
+    cdll.pq_linear_w8.argtypes = [P, P, P, I64, I64, P, P, P, P, I64, INT]
+    cdll.pq_pack_w4.argtypes = [P, P, I64, I64, I64, P, P]
+    cdll.pq_pack_w8.argtypes = [P, I64, I64, P]
+    cdll.pq_gather_w8.argtypes = [P, P, I64, P, I64, P]
+    cdll.pq_hadamard.argtypes = [P, I64, I64, I64, P]
+    cdll.pq_path_name.restype = ctypes.c_char_p
+    cdll.pq_path_name.argtypes = cdll.pq_path_supported.argtypes = cdll.pq_select.argtypes = [INT]
+    cdll.pq_decode_layers.argtypes = [P, P, I64, P, I64, P, P, P, INT]
+    return cdll
 
 
 def lib():
-    """The loaded kernel library (built when the package is installed)."""
+    """The loaded kernel library (built when the package is installed), on the path POCKETQUANT_KERNELS
+    names or else the best one this CPU runs."""
     global _lib
     if _lib is None:
         here = Path(__file__).parent
@@ -25,12 +43,9 @@ def lib():
         if not found:
             raise PocketQuantError("the native kernels are not built: reinstall pocketquant with a C compiler "
                                    "present (pip install .), or use the reference runtime")
-        _lib = ctypes.CDLL(str(found[0]))
-        _lib.pq_quantize_rows.argtypes = [P, I64, I64, P, P, P, INT]
-        _lib.pq_linear_w4.argtypes = [P, P, P, I64, I64, P, P, P, I64, P, I64, INT]
-        _lib.pq_linear_w8.argtypes = [P, P, P, I64, I64, P, P, P, P, I64, INT]
-        _lib.pq_hadamard.argtypes = [P, I64, I64, I64, P]
-        _lib.pq_set_level.argtypes = [INT]
+        _lib = _bind(ctypes.CDLL(str(found[0])))
+        if os.environ.get(ENV):
+            select(os.environ[ENV])
     return _lib
 
 
@@ -42,47 +57,93 @@ def available() -> bool:
     return True
 
 
-def level() -> str:
-    return LEVELS[lib().pq_level()]
+def paths() -> list[str]:
+    """Every kernel path, best first."""
+    return [lib().pq_path_name(i).decode() for i in range(lib().pq_path_count())]
 
 
-def set_level(wanted: int) -> str:
-    """Use a lower kernel path than the CPU allows (tests compare every path); -1 restores the best."""
-    return LEVELS[lib().pq_set_level(wanted)]
+def supported() -> list[str]:
+    """The kernel paths this CPU runs, best first."""
+    return [name for i, name in enumerate(paths()) if lib().pq_path_supported(i)]
+
+
+def path() -> str:
+    """The kernel path in use."""
+    return paths()[lib().pq_selected()]
+
+
+def select(name: str | None) -> str:
+    """Use the kernel path `name` (None: the best this CPU runs) from now on; returns it."""
+    names = paths()
+    if name is not None and name not in names:
+        raise PocketQuantError(f"{ENV}={name!r} is not a kernel path; expected one of {', '.join(names)}")
+    if lib().pq_select(-1 if name is None else names.index(name)) < 0:
+        raise PocketQuantError(f"{ENV}={name!r}: this CPU cannot run that path; it runs {', '.join(supported())}")
+    return path()
 
 
 def _p(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def quantize_rows(x: torch.Tensor, int4_layout: bool = False):
-    """float32 [M, K] -> (u8 = q + 128 [M, K], scale float32 [M], zero point int32 [M]). With `int4_layout`
-    (K a multiple of 32) each row's bytes are ordered for `linear_w4` (see kernels.c)."""
+def quantize_rows(x: torch.Tensor):
+    """float32 [M, K] -> (u8 = q + 128 [M, K], scale float32 [M], zero point int32 [M])."""
     M, K = x.shape
-    if int4_layout and K % 32:
-        raise PocketQuantError(f"the int4 layout needs a width that is a multiple of 32, got {K}")
     x = x.contiguous()
     qa = torch.empty(M, K, dtype=torch.uint8)
     scale, zp = torch.empty(M, dtype=torch.float32), torch.empty(M, dtype=torch.int32)
-    lib().pq_quantize_rows(_p(x), M, K, _p(qa), _p(scale), _p(zp), int(int4_layout))
+    lib().pq_quantize_rows(_p(x), M, K, _p(qa), _p(scale), _p(zp))
     return qa, scale, zp
 
 
+def panels(rows: int) -> int:
+    return -(-rows // PANEL)
+
+
+def pack_w4(qweight: torch.Tensor, scales_f16: torch.Tensor, group: int):
+    """int4 rows [N, K / 2] (Q4_0 nibbles) and float16 scales [N, K / group] -> the panel layout of
+    kernels.h: (weights uint8 [panels, K * 8], scales int16 [panels, K / group * 16], float16 bits)."""
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    w = torch.empty(panels(N), K * PANEL // 2, dtype=torch.uint8)
+    s = torch.empty(panels(N), K // group * PANEL, dtype=torch.int16)
+    lib().pq_pack_w4(_p(qweight.contiguous()), _p(scales_f16.contiguous().view(torch.int16)), N, K, group,
+                     _p(w), _p(s))
+    return w, s
+
+
+def pack_w8(qweight: torch.Tensor) -> torch.Tensor:
+    """int8 rows [N, K] -> the panel layout of kernels.h, int8 [panels, K * 16]."""
+    N, K = qweight.shape
+    w = torch.empty(panels(N), K * PANEL, dtype=torch.int8)
+    lib().pq_pack_w8(_p(qweight.contiguous()), N, K, _p(w))
+    return w
+
+
+def gather_w8(packed: torch.Tensor, scales: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Rows `tokens` of a packed int8 table times their float32 scales -> float32 [*tokens.shape, K]."""
+    K = packed.shape[1] // PANEL
+    flat = tokens.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(flat.numel(), K, dtype=torch.float32)
+    lib().pq_gather_w8(_p(packed), _p(scales), K, _p(flat), flat.numel(), _p(out))
+    return out.view(*tokens.shape, K)
+
+
 def linear_w4(acts, qweight: torch.Tensor, scales_f16: torch.Tensor, rowcorr: torch.Tensor, group: int,
-              threads: int) -> torch.Tensor:
+              N: int, threads: int) -> torch.Tensor:
+    """float32 [M, N] from quantized activations and int4 panels (pack_w4); rowcorr padded to whole panels."""
     qa, scale, zp = acts
     M, K = qa.shape
-    N = qweight.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
     lib().pq_linear_w4(_p(qa), _p(scale), _p(zp), M, K, _p(qweight), _p(scales_f16), _p(rowcorr), group,
                        _p(y), N, threads)
     return y
 
 
-def linear_w8(acts, qweight: torch.Tensor, scales: torch.Tensor, wsum: torch.Tensor, threads: int) -> torch.Tensor:
+def linear_w8(acts, qweight: torch.Tensor, scales: torch.Tensor, wsum: torch.Tensor, N: int,
+              threads: int) -> torch.Tensor:
+    """float32 [M, N] from quantized activations and int8 panels (pack_w8); scales, wsum padded likewise."""
     qa, scale, zp = acts
     M, K = qa.shape
-    N = qweight.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
     lib().pq_linear_w8(_p(qa), _p(scale), _p(zp), M, K, _p(qweight), _p(scales), _p(wsum), _p(y), N, threads)
     return y
@@ -128,10 +189,7 @@ class CacheParams(ctypes.Structure):
 def decode_layers(layers, caches, x: torch.Tensor, pos: int, inv_freq: torch.Tensor, scratch: torch.Tensor,
                   qa: torch.Tensor, threads: int):
     """One token through every layer (ctypes arrays of LayerParams and CacheParams), in place on x [dim]."""
-    f = lib().pq_decode_layers
-    if f.argtypes is None:
-        f.argtypes = [P, P, I64, P, I64, P, P, P, INT]
-    f(ctypes.addressof(layers), ctypes.addressof(caches), len(layers), _p(x), pos, _p(inv_freq), _p(scratch),
+    lib().pq_decode_layers(ctypes.addressof(layers), ctypes.addressof(caches), len(layers), _p(x), pos, _p(inv_freq), _p(scratch),
       _p(qa), threads)
 
 

@@ -1,0 +1,203 @@
+/* x86 micro-kernels over packed panels (layout in kernels.h): AVX2 and AVX-512 VNNI. A token's 4
+ * activation bytes are broadcast against 4 inputs of every row of the vector, so each 32-bit lane sums
+ * one row; unpacked weights stay in registers for a tile of tokens. Built with -DPQ_EMULATE, the same
+ * code runs on any CPU through SIMDe's portable intrinsics (a test checks every path that way). */
+#include "kernels.h"
+
+#ifdef PQ_X86
+
+#ifdef PQ_EMULATE
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#include <simde/x86/f16c.h>
+#include <simde/x86/fma.h>
+#define TARGET(features)
+#define HAS(feature) 1
+#ifndef simde_mm512_cvtepi32_ps /* not in every SIMDe release */
+static inline __m512 cvtepi32_ps_512(__m512i v) {
+    int32_t i[16];
+    float f[16];
+    _mm512_storeu_si512((void *)i, v);
+    for (int k = 0; k < 16; k++) f[k] = (float)i[k];
+    return _mm512_loadu_ps(f);
+}
+#define _mm512_cvtepi32_ps cvtepi32_ps_512
+#endif
+#else
+#include <immintrin.h>
+#define TARGET(features) __attribute__((target(features)))
+#define HAS(feature) (__builtin_cpu_init(), __builtin_cpu_supports(feature))
+#endif
+
+#define AVX2 TARGET("avx2,fma,f16c")
+#define AVX512 TARGET("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")
+
+/* ---- AVX2: u8 x s8 through maddubs (int16 pair sums) and madd (to int32) -------------------------- */
+
+AVX2 static INLINE __m256i bcast4(const uint8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* Rows 8h..8h+7 of a panel against n tokens. A block's 8 maddubs per token add up in int16 without
+ * overflow: each is a pair of u8 x [-8, 7] products, at most 2 * 255 * 8 = 4080 in size, and 8 * 4080 < 32768. */
+AVX2 static INLINE void w4_half_avx2(const uint8_t *a, int64_t lda, const int n, int64_t K, const uint8_t *w,
+                                     const uint16_t *s, int64_t per, int h, float acc[][PANEL]) {
+    const __m256i nib = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+    __m256 f[4];
+    for (int i = 0; i < n; i++) f[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < K / 32; b++) {
+        const uint8_t *blk = w + b * 256 + 32 * h;
+        __m256i d[4];
+        for (int i = 0; i < n; i++) d[i] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 64 * c));
+            __m256i lo = _mm256_sub_epi8(_mm256_and_si256(raw, nib), eight);
+            __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), eight);
+            for (int i = 0; i < n; i++) {
+                const uint8_t *ai = a + i * lda + 32 * b + 4 * c;
+                d[i] = _mm256_add_epi16(d[i], _mm256_maddubs_epi16(bcast4(ai), lo));
+                d[i] = _mm256_add_epi16(d[i], _mm256_maddubs_epi16(bcast4(ai + 16), hi));
+            }
+        }
+        __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + (b / per) * PANEL + 8 * h)));
+        for (int i = 0; i < n; i++) f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d[i], ones)), sc, f[i]);
+    }
+    for (int i = 0; i < n; i++) _mm256_storeu_ps(acc[i] + 8 * h, f[i]);
+}
+
+AVX2 static void w4_avx2(const uint8_t *a, int64_t lda, int n, int64_t K, const uint8_t *w, const uint16_t *s,
+                         int64_t per, float acc[][PANEL]) {
+    for (int h = 0; h < 2; h++) switch (n) { /* constant token counts, so the loops over tokens unroll */
+        case 4: w4_half_avx2(a, lda, 4, K, w, s, per, h, acc); break;
+        case 3: w4_half_avx2(a, lda, 3, K, w, s, per, h, acc); break;
+        case 2: w4_half_avx2(a, lda, 2, K, w, s, per, h, acc); break;
+        default: w4_half_avx2(a, lda, 1, K, w, s, per, h, acc);
+    }
+}
+
+/* int8 weights split as w = 16 * hi + lo, hi = w >> 4 in [-8, 7] and lo = w & 15 in [0, 15], so maddubs
+ * cannot saturate: 4 steps of lo pairs (4 * 2 * 255 * 15 = 30600) and of hi pairs fit in int16. */
+AVX2 static INLINE void w8_half_avx2(const uint8_t *a, int64_t lda, const int n, int64_t K, const int8_t *w,
+                                     int h, int32_t acc[][PANEL]) {
+    const __m256i nib = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+    const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+    __m256i d[3];
+    for (int i = 0; i < n; i++) d[i] = _mm256_setzero_si256();
+    for (int64_t j0 = 0; j0 < K / 4; j0 += 4) {
+        __m256i lo16[3], hi16[3];
+        for (int i = 0; i < n; i++) lo16[i] = hi16[i] = _mm256_setzero_si256();
+        for (int64_t j = j0; j < j0 + 4; j++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(w + 64 * j + 32 * h));
+            __m256i lo = _mm256_and_si256(raw, nib);
+            __m256i hi = _mm256_sub_epi8(_mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), eight), eight);
+            for (int i = 0; i < n; i++) {
+                __m256i av = bcast4(a + i * lda + 4 * j);
+                lo16[i] = _mm256_add_epi16(lo16[i], _mm256_maddubs_epi16(av, lo));
+                hi16[i] = _mm256_add_epi16(hi16[i], _mm256_maddubs_epi16(av, hi));
+            }
+        }
+        for (int i = 0; i < n; i++)
+            d[i] = _mm256_add_epi32(d[i], _mm256_add_epi32(_mm256_madd_epi16(lo16[i], ones),
+                                                           _mm256_madd_epi16(hi16[i], sixteen)));
+    }
+    for (int i = 0; i < n; i++) _mm256_storeu_si256((__m256i *)(acc[i] + 8 * h), d[i]);
+}
+
+AVX2 static void w8_avx2(const uint8_t *a, int64_t lda, int n, int64_t K, const int8_t *w, int32_t acc[][PANEL]) {
+    for (int h = 0; h < 2; h++) switch (n) {
+        case 3: w8_half_avx2(a, lda, 3, K, w, h, acc); break;
+        case 2: w8_half_avx2(a, lda, 2, K, w, h, acc); break;
+        default: w8_half_avx2(a, lda, 1, K, w, h, acc);
+    }
+}
+
+static int has_avx2(void) { return HAS("avx2") && HAS("fma") && HAS("f16c"); }
+
+const pq_kernels pq_avx2_kernels = {"avx2", has_avx2, 4, 3, w4_avx2, w8_avx2, 0};
+
+/* ---- AVX-512 VNNI: vpdpbusd sums four u8 x s8 products into each int32 lane ------------------------ */
+
+AVX512 static INLINE __m512i bcast4_512(const uint8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+AVX512 static INLINE __m512 scales16(const uint16_t *s) {
+    __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)s));
+    __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 8)));
+    return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+}
+
+AVX512 static INLINE void w4_tile_512(const uint8_t *a, int64_t lda, const int n, int64_t K, const uint8_t *w,
+                                      const uint16_t *s, int64_t per, float acc[][PANEL]) {
+    const __m512i nib = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
+    __m512 f[MAX_TILE];
+    for (int i = 0; i < n; i++) f[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < K / 32; b++) {
+        __m512i d[MAX_TILE];
+        for (int i = 0; i < n; i++) d[i] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            __m512i raw = _mm512_loadu_si512((const void *)(w + b * 256 + 64 * c));
+            __m512i lo = _mm512_sub_epi8(_mm512_and_si512(raw, nib), eight);
+            __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(raw, 4), nib), eight);
+            for (int i = 0; i < n; i++) {
+                const uint8_t *ai = a + i * lda + 32 * b + 4 * c;
+                d[i] = _mm512_dpbusd_epi32(d[i], bcast4_512(ai), lo);
+                d[i] = _mm512_dpbusd_epi32(d[i], bcast4_512(ai + 16), hi);
+            }
+        }
+        __m512 sc = scales16(s + (b / per) * PANEL);
+        for (int i = 0; i < n; i++) f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i]), sc, f[i]);
+    }
+    for (int i = 0; i < n; i++) _mm512_storeu_ps(acc[i], f[i]);
+}
+
+AVX512 static INLINE void w8_tile_512(const uint8_t *a, int64_t lda, const int n, int64_t K, const int8_t *w,
+                                      int32_t acc[][PANEL]) {
+    __m512i d[MAX_TILE];
+    for (int i = 0; i < n; i++) d[i] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < K / 4; j++) {
+        __m512i wv = _mm512_loadu_si512((const void *)(w + 64 * j));
+        for (int i = 0; i < n; i++) d[i] = _mm512_dpbusd_epi32(d[i], bcast4_512(a + i * lda + 4 * j), wv);
+    }
+    for (int i = 0; i < n; i++) _mm512_storeu_si512((void *)acc[i], d[i]);
+}
+
+#define CASES(f, ...)                                                                       \
+    switch (n) {                                                                            \
+        case 8: f(a, lda, 8, __VA_ARGS__); break;                                           \
+        case 7: f(a, lda, 7, __VA_ARGS__); break;                                           \
+        case 6: f(a, lda, 6, __VA_ARGS__); break;                                           \
+        case 5: f(a, lda, 5, __VA_ARGS__); break;                                           \
+        case 4: f(a, lda, 4, __VA_ARGS__); break;                                           \
+        case 3: f(a, lda, 3, __VA_ARGS__); break;                                           \
+        case 2: f(a, lda, 2, __VA_ARGS__); break;                                           \
+        default: f(a, lda, 1, __VA_ARGS__);                                                 \
+    }
+
+AVX512 static void w4_avx512(const uint8_t *a, int64_t lda, int n, int64_t K, const uint8_t *w, const uint16_t *s,
+                             int64_t per, float acc[][PANEL]) {
+    CASES(w4_tile_512, K, w, s, per, acc)
+}
+
+AVX512 static void w8_avx512(const uint8_t *a, int64_t lda, int n, int64_t K, const int8_t *w, int32_t acc[][PANEL]) {
+    CASES(w8_tile_512, K, w, acc)
+}
+
+static int has_avx512(void) {
+    return HAS("avx512f") && HAS("avx512bw") && HAS("avx512vl") && HAS("avx512vnni") && HAS("avx512dq") &&
+           HAS("fma") && HAS("f16c");
+}
+
+const pq_kernels pq_avx512_kernels = {"avx512", has_avx512, 8, 8, w4_avx512, w8_avx512, 1};
+
+#else /* not x86: these paths are never supported */
+
+static int never(void) { return 0; }
+const pq_kernels pq_avx2_kernels = {"avx2", never, 1, 1, 0, 0, 0};
+const pq_kernels pq_avx512_kernels = {"avx512", never, 1, 1, 0, 0, 0};
+
+#endif

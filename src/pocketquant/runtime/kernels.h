@@ -1,0 +1,73 @@
+/* Shared by the kernel sources: the packed weight layout, the micro-kernel table and small helpers.
+ *
+ * Activations: int8 per token, asymmetric, stored as u8 = q + 128 so that u8 x s8 dot products apply;
+ * sum((q - zp) * w) = sum(u8 * w) - (128 + zp) * sum(w).
+ *
+ * Weights are repacked at load into panels of PANEL = 16 rows, so that one vector holds 16 (AVX-512) or
+ * 8 (AVX2) rows' weights for 4 consecutive inputs and a token's 4 activation bytes are broadcast against
+ * it: every row's dot product grows in its own 32-bit lane, and unpacked weights stay in registers for a
+ * tile of tokens.
+ *   step j of a panel: 64 bytes, byte 4r + i = weight (row r, input 4j + i).
+ *   int4: a 32-input block of a panel is 4 chunks of 64 bytes; chunk c holds step c in its low nibbles
+ *         and step c + 4 in its high nibbles, each stored as w + 8. Scales: float16 [panels][groups][16].
+ *   int8: steps in order, one byte per weight. Scales: float32 per row.
+ * Rows past N (the last panel) hold zero weights and zero scales. */
+#ifndef PQ_KERNELS_H
+#define PQ_KERNELS_H
+
+#include <stdint.h>
+#include <string.h>
+
+#define PANEL 16
+#define MAX_TILE 8 /* most tokens one micro-kernel call takes */
+
+/* Dot products of one panel with n <= tile tokens (rows lda bytes apart, K inputs each).
+ * int4: acc[i][r] = sum over 32-blocks b, in order, of fma((float)dot_b(i, r), scale_b(r), acc);
+ * every path performs exactly these float operations, so all paths give identical bits.
+ * int8: acc[i][r] = the integer dot product sum(u8 * w). */
+typedef void (*pq_w4_tile)(const uint8_t *a, int64_t lda, int n, int64_t K, const uint8_t *w,
+                           const uint16_t *s, int64_t per, float acc[][PANEL]);
+typedef void (*pq_w8_tile)(const uint8_t *a, int64_t lda, int n, int64_t K, const int8_t *w,
+                           int32_t acc[][PANEL]);
+
+typedef struct {
+    const char *name;   /* what POCKETQUANT_KERNELS names */
+    int (*supported)(void);
+    int tile4, tile8;   /* most tokens per call of w4, w8 (at most MAX_TILE) */
+    pq_w4_tile w4;
+    pq_w8_tile w8;
+    int attention512;   /* the decode attention may use AVX-512 */
+} pq_kernels;
+
+extern const pq_kernels pq_portable_kernels, pq_avx2_kernels, pq_avx512_kernels;
+const pq_kernels *pq_current(void);
+void pq_quantize_rows(const float *x, int64_t M, int64_t K, uint8_t *qa, float *scale, int32_t *zp);
+void pq_linear_w4(const uint8_t *qa, const float *as, const int32_t *azp, int64_t M, int64_t K,
+                  const uint8_t *w, const uint16_t *ws, const float *rowcorr, int64_t group, float *y,
+                  int64_t N, int threads);
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define PQ_X86 1
+#endif
+#define INLINE inline __attribute__((always_inline))
+
+static inline float fp16_to_fp32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: mant * 2^-24, exact in float32 */
+            float f = (float)mant * (1.0f / 16777216.0f);
+            return sign ? -f : f;
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (mant << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#endif
