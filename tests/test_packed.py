@@ -196,11 +196,29 @@ def test_inspect_reports_families_and_bits(float_model, tmp_path):
 
     model = rtn.apply(float_model(), rtn.RTNConfig())
     text = report(save_packed(tmp_path / "q.safetensors", model, PRESETS["int4-eo8"], [{"method": "rtn"}]))
-    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.split()}
+    sizes = text.split("on this CPU's fast runtime:")[0]
+    rows = {line.split()[0]: line.split() for line in sizes.splitlines() if line.split()}
     assert rows["mlp"][3] == "4.500"  # int4 + one fp16 scale per 32 weights
     assert rows["embedding"][3] == "8.250" and rows["output"][3] == "8.250"  # int8 + fp16 scale per 64
     assert rows["norms"][3] == "32.000"
     assert '"method": "rtn"' in text and "layers.0.self_attn.q_proj.qweight" in text
+
+
+def test_inspect_names_each_familys_kernel_path_and_flags_slow_ones(float_model, tmp_path):
+    from pocketquant.inspect import report
+    from pocketquant.runtime import kernels
+
+    if not kernels.available():
+        pytest.skip("native kernels not built")
+    fast = report(save_packed(tmp_path / "a.safetensors", rtn.apply(float_model(), rtn.RTNConfig()),
+                              PRESETS["int4-eo8"], [{"method": "rtn"}]))
+    lines = {line.split()[0]: line for line in fast.split("fast runtime:")[1].splitlines() if line.strip()}
+    assert f"{kernels.path()} int8 x int4 GEMM" in lines["mlp"] and f"{kernels.path()} int8 x int8" in lines["output"]
+    assert "int8 row lookup" in lines["embedding"] and "one native call" in lines["decode"] and "SLOW" not in fast
+    scheme = PRESETS["w4-g32"]  # weight-only: float activations, which the kernels do not take
+    slow = report(save_packed(tmp_path / "b.safetensors", rtn.apply(float_model(), rtn.RTNConfig(scheme)), scheme,
+                              [{"method": "rtn"}]))
+    assert "mlp          SLOW: reference (a dequantized float copy)" in slow and "decode step" not in slow
 
 
 def test_cli_quantize_and_inspect(tmp_path, float_model):

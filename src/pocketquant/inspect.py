@@ -52,6 +52,18 @@ def sizes(path: Path, int4_names: set[str]) -> dict[str, FamilySize]:
     return out
 
 
+def kernel_paths(h) -> dict[str, str]:
+    """What the fast runtime runs each module family of a packed file's model on (no weights read)."""
+    import torch
+
+    from pocketquant.layers import quantized_skeleton
+    from pocketquant.model import Transformer
+    from pocketquant.runtime.engine import kernel_paths as paths_of
+
+    with torch.device("meta"):
+        return paths_of(quantized_skeleton(Transformer(h.config), h.scheme))
+
+
 def report(path: Path) -> str:
     """A human-readable description of a packed file."""
     h = read_header(path)
@@ -72,6 +84,7 @@ def report(path: Path) -> str:
             note = "  (tied to the embedding)"
         lines.append(f"{name:<10} {f.bytes:>14,} {f.weights:>14,} {f.bits_per_weight:>12.3f}{note}")
     lines.append(f"{'total':<10} {total.bytes:>14,} {total.weights:>14,} {total.bits_per_weight:>12.3f}")
+    lines += ["", "on this CPU's fast runtime:"] + [f"  {family:<12} {what}" for family, what in kernel_paths(h).items()]
     lines += ["", f"{'tensor':<44} {'dtype':<5} shape"]
     lines += [f"{n:<44} {d:<5} {list(s)}" for n, d, s in table]
     return "\n".join(lines)

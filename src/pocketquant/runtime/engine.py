@@ -154,6 +154,15 @@ class FastDecode:
         return out.view(1, 1, -1)
 
 
+def decodes_natively(model: nn.Module) -> bool:
+    """Whether every block projection is (or would be, for reference modules) int4 on the kernels, with
+    no LoRA adapter: then a one-token step runs as one native call."""
+    def int4_fast(f):
+        bits = f.bits if isinstance(f, FastLinear) else f.spec.weight.bits if runs_fast(f) else None
+        return bits == 4 and f.lora is None
+    return all(int4_fast(layer.get_submodule(name)) for layer in model.layers for name in PROJECTIONS)
+
+
 def use_fast_kernels(model: nn.Module) -> nn.Module:
     """Replace every QuantLinear the kernels cover (the rest keep the reference forward); when every
     block projection is int4 on the kernels (and none has a LoRA adapter), one-token steps run natively
@@ -166,8 +175,7 @@ def use_fast_kernels(model: nn.Module) -> nn.Module:
             q = layer.get_submodule(name)
             if runs_fast(q):
                 set_module(layer, name, FastLinear(q, caches.get(shared.get(name), SharedActivations())))
-    if all(isinstance(f, FastLinear) and f.bits == 4 and f.lora is None
-           for layer in model.layers for f in map(layer.get_submodule, PROJECTIONS)):
+    if decodes_natively(model):
         model.fused_decode = FastDecode(model)
     if runs_fast(model.lm_head):
         shared_table = getattr(model, "shares_embedding_output", False)
@@ -191,7 +199,8 @@ def kernel_paths(model: nn.Module) -> dict[str, str]:
             desc = f"{path} int8 x int{bits} GEMM"
         elif isinstance(m, QuantLinear):
             desc = "SLOW: reference (a dequantized float copy)" + ("" if path else ", native kernels not built")
-        elif isinstance(m, PackedEmbedding):
+        elif isinstance(m, PackedEmbedding) or (isinstance(m, QuantEmbedding) and path and runs_fast(model.lm_head)
+                                                and getattr(model, "shares_embedding_output", False)):
             desc = "int8 lookup in the output layer's packed table"
         elif isinstance(m, QuantEmbedding):
             desc = "int8 row lookup"
@@ -200,6 +209,6 @@ def kernel_paths(model: nn.Module) -> dict[str, str]:
         else:
             continue
         found.setdefault(family_of(f"{name}.weight"), set()).add(desc)
-    if getattr(model, "fused_decode", None) is not None:
+    if path and decodes_natively(model):
         found["decode step"] = {f"one native call through every layer ({path})"}
     return {family: "; ".join(sorted(d)) for family, d in found.items()}
