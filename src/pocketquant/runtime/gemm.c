@@ -54,6 +54,7 @@ static void w4_portable(const uint8_t *a, int64_t lda, int n, int64_t K, const u
         for (int r = 0; r < PANEL; r++) acc[i][r] = 0.0f;
     for (int64_t b = 0; b < K / 32; b++) {
         const uint8_t *blk = w + b * 256;
+        const uint16_t *sb = s + (b / per) * PANEL;
         for (int i = 0; i < n; i++) {
             const uint8_t *ai = a + i * lda + 32 * b;
             int32_t dot[PANEL] = {0};
@@ -63,8 +64,7 @@ static void w4_portable(const uint8_t *a, int64_t lda, int n, int64_t K, const u
                         uint8_t byte = blk[64 * c + 4 * r + q];
                         dot[r] += ai[4 * c + q] * ((byte & 15) - 8) + ai[16 + 4 * c + q] * ((byte >> 4) - 8);
                     }
-            for (int r = 0; r < PANEL; r++)
-                acc[i][r] = fmaf((float)dot[r], fp16_to_fp32(s[(b / per) * PANEL + r]), acc[i][r]);
+            for (int r = 0; r < PANEL; r++) acc[i][r] = fmaf((float)dot[r], fp16_to_fp32(sb[r]), acc[i][r]);
         }
     }
 }

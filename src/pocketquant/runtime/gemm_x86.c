@@ -45,9 +45,13 @@ AVX2 static INLINE __m256i bcast4(const uint8_t *p) {
 AVX2 static INLINE void w4_half_avx2(const uint8_t *a, int64_t lda, const int n, int64_t K, const uint8_t *w,
                                      const uint16_t *s, int64_t per, int h, float acc[][PANEL]) {
     const __m256i nib = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
-    __m256 f[4];
+    __m256 f[4], sc = _mm256_setzero_ps();
     for (int i = 0; i < n; i++) f[i] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < K / 32; b++) {
+    for (int64_t b = 0, left = 0; b < K / 32; b++, left--) {
+        if (!left) { /* a new group */
+            sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 8 * h)));
+            s += PANEL, left = per;
+        }
         const uint8_t *blk = w + b * 256 + 32 * h;
         __m256i d[4];
         for (int i = 0; i < n; i++) d[i] = _mm256_setzero_si256();
@@ -61,7 +65,6 @@ AVX2 static INLINE void w4_half_avx2(const uint8_t *a, int64_t lda, const int n,
                 d[i] = _mm256_add_epi16(d[i], _mm256_maddubs_epi16(bcast4(ai + 16), hi));
             }
         }
-        __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + (b / per) * PANEL + 8 * h)));
         for (int i = 0; i < n; i++) f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d[i], ones)), sc, f[i]);
     }
     for (int i = 0; i < n; i++) _mm256_storeu_ps(acc[i] + 8 * h, f[i]);
@@ -134,9 +137,13 @@ AVX512 static INLINE __m512 scales16(const uint16_t *s) {
 AVX512 static INLINE void w4_tile_512(const uint8_t *a, int64_t lda, const int n, int64_t K, const uint8_t *w,
                                       const uint16_t *s, int64_t per, float acc[][PANEL]) {
     const __m512i nib = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
-    __m512 f[MAX_TILE];
+    __m512 f[MAX_TILE], sc = _mm512_setzero_ps();
     for (int i = 0; i < n; i++) f[i] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < K / 32; b++) {
+    for (int64_t b = 0, left = 0; b < K / 32; b++, left--) {
+        if (!left) { /* a new group */
+            sc = scales16(s);
+            s += PANEL, left = per;
+        }
         __m512i d[MAX_TILE];
         for (int i = 0; i < n; i++) d[i] = _mm512_setzero_si512();
         for (int c = 0; c < 4; c++) {
@@ -149,7 +156,6 @@ AVX512 static INLINE void w4_tile_512(const uint8_t *a, int64_t lda, const int n
                 d[i] = _mm512_dpbusd_epi32(d[i], bcast4_512(ai + 16), hi);
             }
         }
-        __m512 sc = scales16(s + (b / per) * PANEL);
         for (int i = 0; i < n; i++) f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i]), sc, f[i]);
     }
     for (int i = 0; i < n; i++) _mm512_storeu_ps(acc[i], f[i]);
