@@ -125,7 +125,7 @@ static int64_t share(int64_t panels, int threads, int t, int64_t *p1) {
 
 /* Tokens whose activations stay in the L2 cache while each panel of a thread passes over them. */
 static int64_t chunk_tokens(int64_t K, int tile) {
-    int64_t chunk = (192 * 1024 / K) / tile * tile;
+    int64_t chunk = (128 * 1024 / K) / tile * tile;
     return chunk < tile ? tile : chunk;
 }
 

@@ -32,6 +32,18 @@ static inline __m512 cvtepi32_ps_512(__m512i v) {
 #define AVX2 TARGET("avx2,fma,f16c")
 #define AVX512 TARGET("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")
 
+#define CASES(f, ...)                                                                       \
+    switch (n) {                                                                            \
+        case 8: f(a, lda, 8, __VA_ARGS__); break;                                           \
+        case 7: f(a, lda, 7, __VA_ARGS__); break;                                           \
+        case 6: f(a, lda, 6, __VA_ARGS__); break;                                           \
+        case 5: f(a, lda, 5, __VA_ARGS__); break;                                           \
+        case 4: f(a, lda, 4, __VA_ARGS__); break;                                           \
+        case 3: f(a, lda, 3, __VA_ARGS__); break;                                           \
+        case 2: f(a, lda, 2, __VA_ARGS__); break;                                           \
+        default: f(a, lda, 1, __VA_ARGS__);                                                 \
+    }
+
 /* ---- AVX2: u8 x s8 through maddubs (int16 pair sums) and madd (to int32) -------------------------- */
 
 AVX2 static INLINE __m256i bcast4(const uint8_t *p) {
@@ -41,84 +53,122 @@ AVX2 static INLINE __m256i bcast4(const uint8_t *p) {
 }
 
 /* Rows 8h..8h+7 of a panel against n tokens. A block's 8 maddubs per token add up in int16 without
- * overflow: each is a pair of u8 x [-8, 7] products, at most 2 * 255 * 8 = 4080 in size, and 8 * 4080 < 32768. */
+ * overflow: each is a pair of u8 x [-8, 7] products, at most 2 * 255 * 8 = 4080 in size, and 8 * 4080 < 32768.
+ * The block's 8 unpacked weight vectors serve every token (from registers or L1). */
 AVX2 static INLINE void w4_half_avx2(const uint8_t *a, int64_t lda, const int n, int64_t K, const uint8_t *w,
                                      const uint16_t *s, int64_t per, int h, float acc[][PANEL]) {
     const __m256i nib = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
-    __m256 f[4], sc = _mm256_setzero_ps();
+    __m256 f[MAX_TILE], sc = _mm256_setzero_ps();
     for (int i = 0; i < n; i++) f[i] = _mm256_setzero_ps();
     for (int64_t b = 0, left = 0; b < K / 32; b++, left--) {
         if (!left) { /* a new group */
             sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 8 * h)));
             s += PANEL, left = per;
         }
-        const uint8_t *blk = w + b * 256 + 32 * h;
-        __m256i d[4];
-        for (int i = 0; i < n; i++) d[i] = _mm256_setzero_si256();
+        __m256i wv[8];
         for (int c = 0; c < 4; c++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 64 * c));
-            __m256i lo = _mm256_sub_epi8(_mm256_and_si256(raw, nib), eight);
-            __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), eight);
-            for (int i = 0; i < n; i++) {
-                const uint8_t *ai = a + i * lda + 32 * b + 4 * c;
-                d[i] = _mm256_add_epi16(d[i], _mm256_maddubs_epi16(bcast4(ai), lo));
-                d[i] = _mm256_add_epi16(d[i], _mm256_maddubs_epi16(bcast4(ai + 16), hi));
-            }
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(w + b * 256 + 32 * h + 64 * c));
+            wv[c] = _mm256_sub_epi8(_mm256_and_si256(raw, nib), eight);
+            wv[c + 4] = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), eight);
         }
-        for (int i = 0; i < n; i++) f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d[i], ones)), sc, f[i]);
+        for (int i = 0; i < n; i++) {
+            const uint8_t *ai = a + i * lda + 32 * b;
+            __m256i d0 = _mm256_add_epi16(_mm256_maddubs_epi16(bcast4(ai), wv[0]), _mm256_maddubs_epi16(bcast4(ai + 4), wv[1]));
+            __m256i d1 = _mm256_add_epi16(_mm256_maddubs_epi16(bcast4(ai + 8), wv[2]), _mm256_maddubs_epi16(bcast4(ai + 12), wv[3]));
+            __m256i d2 = _mm256_add_epi16(_mm256_maddubs_epi16(bcast4(ai + 16), wv[4]), _mm256_maddubs_epi16(bcast4(ai + 20), wv[5]));
+            __m256i d3 = _mm256_add_epi16(_mm256_maddubs_epi16(bcast4(ai + 24), wv[6]), _mm256_maddubs_epi16(bcast4(ai + 28), wv[7]));
+            __m256i d = _mm256_add_epi16(_mm256_add_epi16(d0, d1), _mm256_add_epi16(d2, d3));
+            f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d, ones)), sc, f[i]);
+        }
     }
     for (int i = 0; i < n; i++) _mm256_storeu_ps(acc[i] + 8 * h, f[i]);
 }
 
+/* Both halves of a panel in one pass for one or two tokens (decode): weights stream through once, in order. */
+AVX2 static INLINE void w4_panel_avx2(const uint8_t *a, int64_t lda, const int n, int64_t K, const uint8_t *w,
+                                      const uint16_t *s, int64_t per, float acc[][PANEL]) {
+    const __m256i nib = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+    __m256 f[2][2], sc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int i = 0; i < n; i++) f[i][0] = f[i][1] = _mm256_setzero_ps();
+    for (int64_t b = 0, left = 0; b < K / 32; b++, left--) {
+        if (!left) { /* a new group */
+            sc[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)s));
+            sc[1] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 8)));
+            s += PANEL, left = per;
+        }
+        __m256i d[2][2];
+        for (int i = 0; i < n; i++) d[i][0] = d[i][1] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++)
+            for (int h = 0; h < 2; h++) {
+                __m256i raw = _mm256_loadu_si256((const __m256i *)(w + b * 256 + 64 * c + 32 * h));
+                __m256i lo = _mm256_sub_epi8(_mm256_and_si256(raw, nib), eight);
+                __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), eight);
+                for (int i = 0; i < n; i++) {
+                    const uint8_t *ai = a + i * lda + 32 * b + 4 * c;
+                    d[i][h] = _mm256_add_epi16(d[i][h], _mm256_add_epi16(_mm256_maddubs_epi16(bcast4(ai), lo),
+                                                                         _mm256_maddubs_epi16(bcast4(ai + 16), hi)));
+                }
+            }
+        for (int i = 0; i < n; i++)
+            for (int h = 0; h < 2; h++)
+                f[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d[i][h], ones)), sc[h], f[i][h]);
+    }
+    for (int i = 0; i < n; i++) {
+        _mm256_storeu_ps(acc[i], f[i][0]);
+        _mm256_storeu_ps(acc[i] + 8, f[i][1]);
+    }
+}
+
 AVX2 static void w4_avx2(const uint8_t *a, int64_t lda, int n, int64_t K, const uint8_t *w, const uint16_t *s,
                          int64_t per, float acc[][PANEL]) {
-    for (int h = 0; h < 2; h++) switch (n) { /* constant token counts, so the loops over tokens unroll */
-        case 4: w4_half_avx2(a, lda, 4, K, w, s, per, h, acc); break;
-        case 3: w4_half_avx2(a, lda, 3, K, w, s, per, h, acc); break;
-        case 2: w4_half_avx2(a, lda, 2, K, w, s, per, h, acc); break;
-        default: w4_half_avx2(a, lda, 1, K, w, s, per, h, acc);
-    }
+    if (n == 1) return w4_panel_avx2(a, lda, 1, K, w, s, per, acc);
+    if (n == 2) return w4_panel_avx2(a, lda, 2, K, w, s, per, acc);
+    for (int h = 0; h < 2; h++) CASES(w4_half_avx2, K, w, s, per, h, acc)
 }
 
 /* int8 weights split as w = 16 * hi + lo, hi = w >> 4 in [-8, 7] and lo = w & 15 in [0, 15], so maddubs
  * cannot saturate: 4 steps of lo pairs (4 * 2 * 255 * 15 = 30600) and of hi pairs fit in int16. */
-AVX2 static INLINE void w8_half_avx2(const uint8_t *a, int64_t lda, const int n, int64_t K, const int8_t *w,
-                                     int h, int32_t acc[][PANEL]) {
+AVX2 static INLINE void w8_rows_avx2(const uint8_t *a, int64_t lda, const int n, int64_t K, const int8_t *w,
+                                     const int h0, const int nh, int32_t acc[][PANEL]) {
     const __m256i nib = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
     const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
-    __m256i d[3];
-    for (int i = 0; i < n; i++) d[i] = _mm256_setzero_si256();
+    __m256i d[3][2];
+    for (int i = 0; i < n; i++) d[i][0] = d[i][1] = _mm256_setzero_si256();
     for (int64_t j0 = 0; j0 < K / 4; j0 += 4) {
-        __m256i lo16[3], hi16[3];
-        for (int i = 0; i < n; i++) lo16[i] = hi16[i] = _mm256_setzero_si256();
-        for (int64_t j = j0; j < j0 + 4; j++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(w + 64 * j + 32 * h));
-            __m256i lo = _mm256_and_si256(raw, nib);
-            __m256i hi = _mm256_sub_epi8(_mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), eight), eight);
-            for (int i = 0; i < n; i++) {
-                __m256i av = bcast4(a + i * lda + 4 * j);
-                lo16[i] = _mm256_add_epi16(lo16[i], _mm256_maddubs_epi16(av, lo));
-                hi16[i] = _mm256_add_epi16(hi16[i], _mm256_maddubs_epi16(av, hi));
+        __m256i lo16[3][2], hi16[3][2];
+        for (int i = 0; i < n; i++) lo16[i][0] = lo16[i][1] = hi16[i][0] = hi16[i][1] = _mm256_setzero_si256();
+        for (int64_t j = j0; j < j0 + 4; j++)
+            for (int h = 0; h < nh; h++) {
+                __m256i raw = _mm256_loadu_si256((const __m256i *)(w + 64 * j + 32 * (h0 + h)));
+                __m256i lo = _mm256_and_si256(raw, nib);
+                __m256i hi = _mm256_sub_epi8(_mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), eight), eight);
+                for (int i = 0; i < n; i++) {
+                    __m256i av = bcast4(a + i * lda + 4 * j);
+                    lo16[i][h] = _mm256_add_epi16(lo16[i][h], _mm256_maddubs_epi16(av, lo));
+                    hi16[i][h] = _mm256_add_epi16(hi16[i][h], _mm256_maddubs_epi16(av, hi));
+                }
             }
-        }
         for (int i = 0; i < n; i++)
-            d[i] = _mm256_add_epi32(d[i], _mm256_add_epi32(_mm256_madd_epi16(lo16[i], ones),
-                                                           _mm256_madd_epi16(hi16[i], sixteen)));
+            for (int h = 0; h < nh; h++)
+                d[i][h] = _mm256_add_epi32(d[i][h], _mm256_add_epi32(_mm256_madd_epi16(lo16[i][h], ones),
+                                                                     _mm256_madd_epi16(hi16[i][h], sixteen)));
     }
-    for (int i = 0; i < n; i++) _mm256_storeu_si256((__m256i *)(acc[i] + 8 * h), d[i]);
+    for (int i = 0; i < n; i++)
+        for (int h = 0; h < nh; h++) _mm256_storeu_si256((__m256i *)(acc[i] + 8 * (h0 + h)), d[i][h]);
 }
 
+/* One token: both halves of the panel in one pass (decode); more: 8 rows at a time. */
 AVX2 static void w8_avx2(const uint8_t *a, int64_t lda, int n, int64_t K, const int8_t *w, int32_t acc[][PANEL]) {
-    for (int h = 0; h < 2; h++) switch (n) {
-        case 3: w8_half_avx2(a, lda, 3, K, w, h, acc); break;
-        case 2: w8_half_avx2(a, lda, 2, K, w, h, acc); break;
-        default: w8_half_avx2(a, lda, 1, K, w, h, acc);
+    if (n == 1) return w8_rows_avx2(a, lda, 1, K, w, 0, 2, acc);
+    for (int h = 0; h < 2; h++) {
+        if (n == 3) w8_rows_avx2(a, lda, 3, K, w, h, 1, acc);
+        else w8_rows_avx2(a, lda, 2, K, w, h, 1, acc);
     }
 }
 
 static int has_avx2(void) { return HAS("avx2") && HAS("fma") && HAS("f16c"); }
 
-const pq_kernels pq_avx2_kernels = {"avx2", has_avx2, 4, 3, w4_avx2, w8_avx2, 0};
+const pq_kernels pq_avx2_kernels = {"avx2", has_avx2, 6, 3, w4_avx2, w8_avx2, 0};
 
 /* ---- AVX-512 VNNI: vpdpbusd sums four u8 x s8 products into each int32 lane ------------------------ */
 
@@ -171,18 +221,6 @@ AVX512 static INLINE void w8_tile_512(const uint8_t *a, int64_t lda, const int n
     }
     for (int i = 0; i < n; i++) _mm512_storeu_si512((void *)acc[i], d[i]);
 }
-
-#define CASES(f, ...)                                                                       \
-    switch (n) {                                                                            \
-        case 8: f(a, lda, 8, __VA_ARGS__); break;                                           \
-        case 7: f(a, lda, 7, __VA_ARGS__); break;                                           \
-        case 6: f(a, lda, 6, __VA_ARGS__); break;                                           \
-        case 5: f(a, lda, 5, __VA_ARGS__); break;                                           \
-        case 4: f(a, lda, 4, __VA_ARGS__); break;                                           \
-        case 3: f(a, lda, 3, __VA_ARGS__); break;                                           \
-        case 2: f(a, lda, 2, __VA_ARGS__); break;                                           \
-        default: f(a, lda, 1, __VA_ARGS__);                                                 \
-    }
 
 AVX512 static void w4_avx512(const uint8_t *a, int64_t lda, int n, int64_t K, const uint8_t *w, const uint16_t *s,
                              int64_t per, float acc[][PANEL]) {
