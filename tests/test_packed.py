@@ -111,6 +111,14 @@ def test_shared_embedding_output_table(float_model, tmp_path):
     assert loaded.lm_head.qweight is loaded.embed_tokens.qweight
     # per-row int8 of one tied matrix: the shared table computes the same logits
     assert torch.equal(loaded(TOKENS), separate(TOKENS))
+    from pocketquant.runtime import kernels, load
+    from pocketquant.runtime.engine import PackedEmbedding
+
+    if kernels.available():  # the fast runtime keeps one (packed) table, for the lookup too
+        fast = load(p2).model
+        assert isinstance(fast.embed_tokens, PackedEmbedding) and fast.embed_tokens.head is fast.lm_head
+        assert torch.equal(fast.embed_tokens(TOKENS), loaded.embed_tokens(TOKENS))
+        assert torch.equal(fast(TOKENS), load(p1).model(TOKENS))
 
 
 def test_packed_bf16(float_model, tmp_path):

@@ -37,6 +37,9 @@ class SharedActivations:
         return value
 
 
+PACK_ROWS = 4096  # rows repacked at a time (a multiple of the panel height)
+
+
 class FastLinear(nn.Module):
     """Same numbers as `QuantLinear` (integers bit-exact), computed by the native kernels on weights
     repacked into panels (kernels.h); the row-major weights are not kept."""
@@ -45,16 +48,29 @@ class FastLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.spec, self.shared = q.in_features, q.out_features, q.spec, shared
         self.bits, self.group, self.lora = q.spec.weight.bits, q.spec.weight.group_for(q.in_features), q.lora
-        pad = kernels.panels(q.out_features) * kernels.PANEL - q.out_features
+        N, K, panels = q.out_features, q.in_features, kernels.panels(q.out_features)
+        pad = panels * kernels.PANEL - N
+        if self.bits == 4:  # the layout of kernels.h
+            self.packed = torch.empty(panels, K * kernels.PANEL // 2, dtype=torch.uint8)
+            self.scales = torch.empty(panels, K // self.group * kernels.PANEL, dtype=torch.int16)  # float16 bits
+        else:
+            self.packed = torch.empty(panels, K * kernels.PANEL, dtype=torch.int8)
+        sums = []
+        for r in range(0, N, PACK_ROWS):  # a slice at a time, letting go of its file pages once packed
+            w, s, p = q.qweight[r:r + PACK_ROWS], q.scales[r:r + PACK_ROWS], slice(r // kernels.PANEL, None)
+            sums.append(group_sums(w, self.group if self.bits == 4 else K, unpack=self.bits == 4))
+            if self.bits == 4:
+                kernels.pack_w4(w, s, self.group, (self.packed[p], self.scales[p]))
+            else:
+                kernels.pack_w8(w, self.packed[p])
+            kernels.drop_file_pages(w, s)
+        sums = torch.cat(sums)
         if self.bits == 4:
-            self.packed, self.scales = kernels.pack_w4(q.qweight, q.scales, self.group)
-            sums = group_sums(q.qweight, self.group, unpack=True)
             rowcorr = (sums.double() * q.scales.double()).sum(-1).float()  # sum_g scale_g * sum(w in g)
             self.rowcorr = F.pad(rowcorr, (0, pad))
         else:
-            self.packed = kernels.pack_w8(q.qweight)
             self.scales = F.pad(q.scales.float().reshape(-1), (0, pad))
-            self.wsum = F.pad(group_sums(q.qweight, q.in_features, unpack=False)[:, 0], (0, pad))
+            self.wsum = F.pad(sums[:, 0], (0, pad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         acts = self.shared.get(x)

@@ -100,23 +100,20 @@ def panels(rows: int) -> int:
     return -(-rows // PANEL)
 
 
-def pack_w4(qweight: torch.Tensor, scales_f16: torch.Tensor, group: int):
+def pack_w4(qweight: torch.Tensor, scales_f16: torch.Tensor, group: int, out: tuple):
     """int4 rows [N, K / 2] (Q4_0 nibbles) and float16 scales [N, K / group] -> the panel layout of
-    kernels.h: (weights uint8 [panels, K * 8], scales int16 [panels, K / group * 16], float16 bits)."""
+    kernels.h, written into out = (weights uint8 [panels, K * 8], scales int16 [panels, K / group * 16])."""
     N, K = qweight.shape[0], qweight.shape[1] * 2
-    w = torch.empty(panels(N), K * PANEL // 2, dtype=torch.uint8)
-    s = torch.empty(panels(N), K // group * PANEL, dtype=torch.int16)
+    w, s = out
     lib().pq_pack_w4(_p(qweight.contiguous()), _p(scales_f16.contiguous().view(torch.int16)), N, K, group,
                      _p(w), _p(s))
     return w, s
 
 
-def pack_w8(qweight: torch.Tensor) -> torch.Tensor:
-    """int8 rows [N, K] -> the panel layout of kernels.h, int8 [panels, K * 16]."""
+def pack_w8(qweight: torch.Tensor, out: torch.Tensor):
+    """int8 rows [N, K] -> the panel layout of kernels.h, written into out (int8 [panels, K * 16])."""
     N, K = qweight.shape
-    w = torch.empty(panels(N), K * PANEL, dtype=torch.int8)
-    lib().pq_pack_w8(_p(qweight.contiguous()), N, K, _p(w))
-    return w
+    lib().pq_pack_w8(_p(qweight.contiguous()), N, K, _p(out))
 
 
 def gather_w8(packed: torch.Tensor, scales: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -191,6 +188,31 @@ def decode_layers(layers, caches, x: torch.Tensor, pos: int, inv_freq: torch.Ten
     """One token through every layer (ctypes arrays of LayerParams and CacheParams), in place on x [dim]."""
     lib().pq_decode_layers(ctypes.addressof(layers), ctypes.addressof(caches), len(layers), _p(x), pos, _p(inv_freq), _p(scratch),
       _p(qa), threads)
+
+
+def drop_file_pages(*tensors: torch.Tensor):
+    """Let go of the resident pages of tensors that lie in a file mapping (a packed file is read in place)
+    once they have been repacked. Those pages are unmodified copies of the file, so this lowers resident
+    memory only: anything that reads them again reads the file. Tensors in ordinary memory are left alone."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return  # not Linux with glibc
+    files = []
+    for line in maps:  # "start-end perms offset dev inode path"
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/") and fields[1].endswith("p"):
+            start, end = (int(v, 16) for v in fields[0].split("-"))
+            files.append((start, end))
+    page, MADV_DONTNEED = os.sysconf("SC_PAGE_SIZE"), 4
+    libc.madvise.argtypes = [P, ctypes.c_size_t, INT]
+    for t in tensors:
+        a = t.data_ptr()
+        b = a + t.numel() * t.element_size()
+        lo, hi = -(-a // page) * page, b // page * page  # whole pages inside the tensor only
+        if hi > lo and any(s <= a and b <= e for s, e in files):
+            libc.madvise(lo, hi - lo, MADV_DONTNEED)
 
 
 def return_freed_memory_promptly():
