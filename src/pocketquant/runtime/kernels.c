@@ -17,7 +17,8 @@
 /* ---- per-token activation quantization (bit-exact with numerics.quantize_per_token) ---------------- */
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void pq_quantize_rows(const float *x, int64_t M, int64_t K, uint8_t *qa, float *scale, int32_t *zp) {
+void pq_quantize_rows(const float *x, int64_t M, int64_t K, uint8_t *qa, float *scale, int32_t *zp, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (M > 1 && threads > 1)
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * K;
         float lo = 0.0f, hi = 0.0f;
@@ -129,7 +130,7 @@ static void cache_write(const pq_cache *C, const float *k, const float *v, int64
             if (C->bits != 8) { memcpy((float *)dst + row * D, src + j * D, D * sizeof(float)); continue; }
             float scale;
             int32_t zero;
-            pq_quantize_rows(src + j * D, 1, D, tmp, &scale, &zero);
+            pq_quantize_rows(src + j * D, 1, D, tmp, &scale, &zero, 1);
             int8_t *q = (int8_t *)dst + row * D;
             for (int64_t i = 0; i < D; i++) q[i] = (int8_t)(tmp[i] - 128);
             (kind ? C->v_scale : C->k_scale)[row] = scale;
@@ -268,7 +269,7 @@ void pq_decode_layer(const pq_layer *L, const pq_cache *C, float *x, int64_t pos
     int32_t zp;
 
     rms_norm(x, L->attn_norm, L->eps, dim, h);
-    pq_quantize_rows(h, 1, dim, qa, &scale, &zp); /* once for q, k and v */
+    pq_quantize_rows(h, 1, dim, qa, &scale, &zp, 1); /* once for q, k and v */
     pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[Q], L->s[Q], L->c[Q], L->g[Q], q, nq, threads);
     pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[K], L->s[K], L->c[K], L->g[K], k, nkv, threads);
     pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[V], L->s[V], L->c[V], L->g[V], v, nkv, threads);
@@ -280,17 +281,17 @@ void pq_decode_layer(const pq_layer *L, const pq_cache *C, float *x, int64_t pos
     }
     cache_write(C, k, v, KV, D, pos, qa);
     attend(q, C, att, probs, H, KV, D, pos, threads);
-    pq_quantize_rows(att, 1, nq, qa, &scale, &zp);
+    pq_quantize_rows(att, 1, nq, qa, &scale, &zp, 1);
     pq_linear_w4(qa, &scale, &zp, 1, nq, L->w[O], L->s[O], L->c[O], L->g[O], h, dim, threads);
     for (int64_t i = 0; i < dim; i++) x[i] += h[i];
 
     rms_norm(x, L->ffn_norm, L->eps, dim, h);
-    pq_quantize_rows(h, 1, dim, qa, &scale, &zp); /* once for gate and up */
+    pq_quantize_rows(h, 1, dim, qa, &scale, &zp, 1); /* once for gate and up */
     pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[GATE], L->s[GATE], L->c[GATE], L->g[GATE], g, F, threads);
     pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[UP], L->s[UP], L->c[UP], L->g[UP], u, F, threads);
     for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     if (L->had_down_m) pq_hadamard(g, 1, F, L->had_down_m, L->had_down);
-    pq_quantize_rows(g, 1, F, qa, &scale, &zp);
+    pq_quantize_rows(g, 1, F, qa, &scale, &zp, 1);
     pq_linear_w4(qa, &scale, &zp, 1, F, L->w[DOWN], L->s[DOWN], L->c[DOWN], L->g[DOWN], h, dim, threads);
     for (int64_t i = 0; i < dim; i++) x[i] += h[i];
 }

@@ -19,7 +19,7 @@ PANEL = 16  # weight rows packed together (kernels.h)
 
 def _bind(cdll: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the argument types of the library's entry points."""
-    cdll.pq_quantize_rows.argtypes = [P, I64, I64, P, P, P]
+    cdll.pq_quantize_rows.argtypes = [P, I64, I64, P, P, P, INT]
     cdll.pq_linear_w4.argtypes = [P, P, P, I64, I64, P, P, P, I64, P, I64, INT]
     cdll.pq_linear_w8.argtypes = [P, P, P, I64, I64, P, P, P, P, I64, INT]
     cdll.pq_pack_w4.argtypes = [P, P, I64, I64, I64, P, P]
@@ -92,7 +92,7 @@ def quantize_rows(x: torch.Tensor):
     x = x.contiguous()
     qa = torch.empty(M, K, dtype=torch.uint8)
     scale, zp = torch.empty(M, dtype=torch.float32), torch.empty(M, dtype=torch.int32)
-    lib().pq_quantize_rows(_p(x), M, K, _p(qa), _p(scale), _p(zp))
+    lib().pq_quantize_rows(_p(x), M, K, _p(qa), _p(scale), _p(zp), torch.get_num_threads())
     return qa, scale, zp
 
 
