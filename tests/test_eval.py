@@ -56,6 +56,29 @@ def test_kl_against_itself_is_exactly_zero(tiny_text_dir):
     assert result.settings["tokens_scored"] == 600
 
 
+def test_packed_models_score_the_same_on_both_runtimes(tiny_text_dir, tmp_path):
+    """The fast kernels (eval's default) compute the reference's integers; only float rounding may differ."""
+    from pocketquant.packed import save_packed
+    from pocketquant.quant import rtn
+    from pocketquant.runtime import kernels
+    from pocketquant.scheme import PRESETS
+
+    if not kernels.available():
+        pytest.skip("native kernels not built")
+    path, _ = tiny_text_dir
+    loaded = load_model(path)
+    packed = save_packed(tmp_path / "q.safetensors", rtn.apply(loaded.model, rtn.RTNConfig()), PRESETS["int4-eo8"],
+                         [{"method": "rtn"}], loaded.tokenizer)
+    runs = {rt: evaluate([str(path), str(packed)], context=128, limit=600, progress=False, runtime=rt)
+            for rt in ("fast", "reference")}
+    fast, ref = (runs[rt].models[1] for rt in ("fast", "reference"))
+    assert runs["fast"].settings["runtime"] == "fast" and evaluate.__defaults__[-1] == "fast"
+    assert fast.metrics["kl_mean"] > 0.001  # the quantized model does differ from the float one...
+    for key in ("ppl_token", "ppl_word", "kl_mean", "kl_median"):  # ...by the same amount on both runtimes
+        assert fast.metrics[key] == pytest.approx(ref.metrics[key], rel=1e-3), key
+    assert fast.tasks == ref.tasks
+
+
 def test_kl_of_a_different_model_is_positive_and_correct(tiny_text_dir):
     path, _ = tiny_text_dir
     a = load_model(path).model

@@ -18,8 +18,8 @@ def register(p):
                    help="also score the reference fake-quantized with SCHEME (e.g. int4-eo8)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
-    p.add_argument("--runtime", default="reference", choices=["fast", "reference"],
-                   help="for packed files: the reference definition (default) or the native kernels")
+    p.add_argument("--runtime", default="fast", choices=["fast", "reference"],
+                   help="for packed files: the native kernels (default) or the reference definition")
     p.add_argument("--json", default=None, metavar="FILE", help="write every figure as JSON")
     p.add_argument("--report", default=None, metavar="DIR", help="write report.md and plot.png")
     p.set_defaults(run=run)

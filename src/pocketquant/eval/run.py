@@ -70,10 +70,10 @@ def task_files(tasks: list[str] | None) -> dict[str, Path]:
 
 def evaluate(sources: list[str], data: str | None = None, tasks: list[str] | None = None, context: int | None = None,
              stride: int | None = None, limit: int | None = None, fake_quant: str | None = None,
-             dtype: str = "float32", progress: bool = True, runtime: str = "reference") -> EvalResult:
+             dtype: str = "float32", progress: bool = True, runtime: str = "fast") -> EvalResult:
     """Load every model, score them on the same text and tasks; tasks=[] skips the tasks. Packed files run
-    on the reference runtime by default: it is the scheme's definition (and, for long windows, today's
-    faster path); runtime="fast" scores the native kernels instead."""
+    on the native kernels by default (the reference's integers, bit for bit); runtime="reference" scores
+    the scheme's definition itself."""
     from pocketquant.checkpoints import check_length
     from pocketquant.eval.perplexity import score_text
     from pocketquant.eval.tasks import load_mc, score_mc
