@@ -1,8 +1,10 @@
 """Native kernels against the reference numerics, on every code path this CPU can run."""
 
 import ctypes
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,7 +109,7 @@ def test_paths_this_cpu_lacks_give_the_same_bits_emulated(tmp_path, monkeypatch)
                     *(str(src / f"{name}.c") for name in ("kernels", "gemm", "gemm_x86")), "-o", str(out), "-lm"],
                    check=True)
     monkeypatch.setattr(kernels, "_lib", kernels._bind(ctypes.CDLL(str(out))))
-    assert kernels.supported() == kernels.paths() == ["avx512", "avx2", "portable"]
+    assert kernels.supported() == kernels.paths() == ["avx512", "avxvnni", "avx2", "portable"]
     for bits in (4, 8):
         for K, N in ((32, 17), (576, 33), (2048, 16)):
             _same_bits_on_every_path(kernels.paths(), bits, K, N, [1, 7, 8, 9, 20])
@@ -161,3 +163,16 @@ def test_hadamard_equals_the_matrix():
         torch.testing.assert_close(kernels.hadamard_(x.clone()), hadamard_transform(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(kernels.PocketQuantError, match="width 112"):
         kernels.hadamard_(torch.zeros(2, 112))
+
+
+def test_environment_variable_forces_a_path():
+    code = "from pocketquant.runtime import kernels; print(kernels.path())"
+    run = lambda value: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                       env={**os.environ, kernels.ENV: value})
+    assert run("portable").stdout.strip() == "portable"
+    bad = run("avx9")
+    assert bad.returncode != 0 and "POCKETQUANT_KERNELS='avx9' is not a kernel path" in bad.stderr
+    missing = [p for p in kernels.paths() if p not in PATHS]
+    if missing:
+        out = run(missing[0])
+        assert out.returncode != 0 and "this CPU cannot run that path" in out.stderr

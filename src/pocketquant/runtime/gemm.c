@@ -85,7 +85,8 @@ const pq_kernels pq_portable_kernels = {"portable", always, 4, 4, w4_portable, w
 
 /* ---- the table, chosen once ----------------------------------------------------------------------- */
 
-static const pq_kernels *const table[] = {&pq_avx512_kernels, &pq_avx2_kernels, &pq_portable_kernels};
+static const pq_kernels *const table[] = {&pq_avx512_kernels, &pq_avxvnni_kernels, &pq_avx2_kernels,
+                                          &pq_portable_kernels};
 enum { PATHS = sizeof table / sizeof table[0] };
 static const pq_kernels *current;
 

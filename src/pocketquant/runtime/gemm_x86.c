@@ -30,6 +30,10 @@ static inline __m512 cvtepi32_ps_512(__m512i v) {
 #endif
 
 #define AVX2 TARGET("avx2,fma,f16c")
+#define AVXVNNI TARGET("avx2,fma,f16c,avxvnni")
+#ifdef PQ_EMULATE /* SIMDe has the AVX-512VL form of the same instruction */
+#define _mm256_dpbusd_avx_epi32 _mm256_dpbusd_epi32
+#endif
 #define AVX512 TARGET("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")
 
 #define CASES(f, ...)                                                                       \
@@ -170,6 +174,61 @@ static int has_avx2(void) { return HAS("avx2") && HAS("fma") && HAS("f16c"); }
 
 const pq_kernels pq_avx2_kernels = {"avx2", has_avx2, 6, 3, w4_avx2, w8_avx2, 0};
 
+/* ---- AVX-VNNI (Intel client chips): the AVX2 layout with vpdpbusd on 256 bits ------------------------ */
+
+AVXVNNI static INLINE void w4_half_vnni256(const uint8_t *a, int64_t lda, const int n, int64_t K, const uint8_t *w,
+                                           const uint16_t *s, int64_t per, int h, float acc[][PANEL]) {
+    const __m256i nib = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+    __m256 f[MAX_TILE], sc = _mm256_setzero_ps();
+    for (int i = 0; i < n; i++) f[i] = _mm256_setzero_ps();
+    for (int64_t b = 0, left = 0; b < K / 32; b++, left--) {
+        if (!left) { /* a new group */
+            sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 8 * h)));
+            s += PANEL, left = per;
+        }
+        __m256i wv[8];
+        for (int c = 0; c < 4; c++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(w + b * 256 + 32 * h + 64 * c));
+            wv[c] = _mm256_sub_epi8(_mm256_and_si256(raw, nib), eight);
+            wv[c + 4] = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), eight);
+        }
+        for (int i = 0; i < n; i++) {
+            const uint8_t *ai = a + i * lda + 32 * b;
+            __m256i d = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) d = _mm256_dpbusd_avx_epi32(d, bcast4(ai + 4 * j), wv[j]);
+            f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc, f[i]);
+        }
+    }
+    for (int i = 0; i < n; i++) _mm256_storeu_ps(acc[i] + 8 * h, f[i]);
+}
+
+/* One or two tokens are bound by memory, not arithmetic: the AVX2 kernels serve them. */
+AVXVNNI static void w4_vnni256(const uint8_t *a, int64_t lda, int n, int64_t K, const uint8_t *w, const uint16_t *s,
+                               int64_t per, float acc[][PANEL]) {
+    if (n <= 2) return w4_avx2(a, lda, n, K, w, s, per, acc);
+    for (int h = 0; h < 2; h++) CASES(w4_half_vnni256, K, w, s, per, h, acc)
+}
+
+AVXVNNI static INLINE void w8_half_vnni256(const uint8_t *a, int64_t lda, const int n, int64_t K, const int8_t *w,
+                                           int h, int32_t acc[][PANEL]) {
+    __m256i d[MAX_TILE];
+    for (int i = 0; i < n; i++) d[i] = _mm256_setzero_si256();
+    for (int64_t j = 0; j < K / 4; j++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + 64 * j + 32 * h));
+        for (int i = 0; i < n; i++) d[i] = _mm256_dpbusd_avx_epi32(d[i], bcast4(a + i * lda + 4 * j), wv);
+    }
+    for (int i = 0; i < n; i++) _mm256_storeu_si256((__m256i *)(acc[i] + 8 * h), d[i]);
+}
+
+AVXVNNI static void w8_vnni256(const uint8_t *a, int64_t lda, int n, int64_t K, const int8_t *w, int32_t acc[][PANEL]) {
+    if (n == 1) return w8_avx2(a, lda, n, K, w, acc);
+    for (int h = 0; h < 2; h++) CASES(w8_half_vnni256, K, w, h, acc)
+}
+
+static int has_avxvnni(void) { return has_avx2() && HAS("avxvnni"); }
+
+const pq_kernels pq_avxvnni_kernels = {"avxvnni", has_avxvnni, 6, 6, w4_vnni256, w8_vnni256, 0};
+
 /* ---- AVX-512 VNNI: vpdpbusd sums four u8 x s8 products into each int32 lane ------------------------ */
 
 AVX512 static INLINE __m512i bcast4_512(const uint8_t *p) {
@@ -242,6 +301,7 @@ const pq_kernels pq_avx512_kernels = {"avx512", has_avx512, 8, 8, w4_avx512, w8_
 
 static int never(void) { return 0; }
 const pq_kernels pq_avx2_kernels = {"avx2", never, 1, 1, 0, 0, 0};
+const pq_kernels pq_avxvnni_kernels = {"avxvnni", never, 1, 1, 0, 0, 0};
 const pq_kernels pq_avx512_kernels = {"avx512", never, 1, 1, 0, 0, 0};
 
 #endif

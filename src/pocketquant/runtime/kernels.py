@@ -17,6 +17,10 @@ P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 PANEL = 16  # weight rows packed together (kernels.h)
 
 
+class NotBuilt(PocketQuantError):
+    pass
+
+
 def _bind(cdll: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the argument types of the library's entry points."""
     cdll.pq_quantize_rows.argtypes = [P, I64, I64, P, P, P, INT]
@@ -41,18 +45,20 @@ def lib():
         found = [here / f"_kernels{s}" for s in importlib.machinery.EXTENSION_SUFFIXES
                  if (here / f"_kernels{s}").exists()]
         if not found:
-            raise PocketQuantError("the native kernels are not built: reinstall pocketquant with a C compiler "
+            raise NotBuilt("the native kernels are not built: reinstall pocketquant with a C compiler "
                                    "present (pip install .), or use the reference runtime")
-        _lib = _bind(ctypes.CDLL(str(found[0])))
+        cdll = _bind(ctypes.CDLL(str(found[0])))
         if os.environ.get(ENV):
-            select(os.environ[ENV])
+            _select(cdll, os.environ[ENV])
+        _lib = cdll
     return _lib
 
 
 def available() -> bool:
+    """Whether the kernels are built (a POCKETQUANT_KERNELS this CPU cannot run is an error, not absence)."""
     try:
         lib()
-    except PocketQuantError:
+    except NotBuilt:
         return False
     return True
 
@@ -74,12 +80,17 @@ def path() -> str:
 
 def select(name: str | None) -> str:
     """Use the kernel path `name` (None: the best this CPU runs) from now on; returns it."""
-    names = paths()
+    _select(lib(), name)
+    return path()
+
+
+def _select(cdll: ctypes.CDLL, name: str | None):
+    names = [cdll.pq_path_name(i).decode() for i in range(cdll.pq_path_count())]
     if name is not None and name not in names:
         raise PocketQuantError(f"{ENV}={name!r} is not a kernel path; expected one of {', '.join(names)}")
-    if lib().pq_select(-1 if name is None else names.index(name)) < 0:
-        raise PocketQuantError(f"{ENV}={name!r}: this CPU cannot run that path; it runs {', '.join(supported())}")
-    return path()
+    if cdll.pq_select(-1 if name is None else names.index(name)) < 0:
+        runs = [n for i, n in enumerate(names) if cdll.pq_path_supported(i)]
+        raise PocketQuantError(f"{ENV}={name!r}: this CPU cannot run that path; it runs {', '.join(runs)}")
 
 
 def _p(t: torch.Tensor) -> int:
