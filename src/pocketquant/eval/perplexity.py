@@ -63,9 +63,21 @@ def score_text(models: list, tokens: list[int], context: int = 1024, stride: int
             s.tokens += len(y)
             if ref is None:
                 ref = logp
-            s.kl.append((ref.exp() * (ref - logp)).sum(-1).clamp(min=0).cpu())
-            s.top1_agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+            kl, agree = compare(ref, logp)
+            s.kl.append(kl)
+            s.top1_agree += agree
     return scores
+
+
+def compare(ref: torch.Tensor, logp: torch.Tensor, rows: int = 64) -> tuple[torch.Tensor, int]:
+    """KL(ref || logp) per position [T] and the count of positions with the same top-1 token, from log
+    probabilities [T, V]; a few rows at a time, so no temporary is as large as the logits."""
+    kl, agree = [], 0
+    for r in range(0, len(ref), rows):
+        a, b = ref[r:r + rows], logp[r:r + rows]
+        kl.append((a.exp() * (a - b)).sum(-1).clamp(min=0).cpu())
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+    return torch.cat(kl), agree
 
 
 def perplexity(model, tokens: list[int], context: int = 1024, stride: int | None = None,

@@ -18,6 +18,6 @@ def load(source, dtype="float32", runtime: str = "fast"):
         from pocketquant.runtime.engine import use_fast_kernels
 
         if kernels.available():
-            kernels.return_freed_memory_promptly()
             use_fast_kernels(loaded.model)
+            kernels.return_freed_memory()
     return loaded

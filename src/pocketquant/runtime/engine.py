@@ -191,6 +191,7 @@ def use_fast_kernels(model: nn.Module) -> nn.Module:
             q = layer.get_submodule(name)
             if runs_fast(q):
                 set_module(layer, name, FastLinear(q, caches.get(shared.get(name), SharedActivations())))
+        kernels.return_freed_memory()  # the repacking's temporaries, a layer at a time
     if decodes_natively(model):
         model.fused_decode = FastDecode(model)
     if runs_fast(model.lm_head):

@@ -226,13 +226,11 @@ def drop_file_pages(*tensors: torch.Tensor):
             libc.madvise(lo, hi - lo, MADV_DONTNEED)
 
 
-def return_freed_memory_promptly():
-    """Ask glibc to hand large freed blocks back to the system at once. Its default threshold grows
-    with each large free, so preparing a model's kernels (many transient tensors) would otherwise keep
-    about as much memory again as the model itself."""
+def return_freed_memory():
+    """Hand the memory freed while preparing a model's kernels (many transient tensors) back to the
+    system, once; glibc would otherwise keep about as much again as the model itself. (Lowering malloc's
+    mmap threshold instead would make every later large temporary fault in fresh pages.)"""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc
-    M_MMAP_THRESHOLD = -3
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 16)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
