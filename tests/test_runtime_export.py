@@ -45,6 +45,13 @@ def test_fast_runtime_matches_the_reference_model(tiny_text_dir, tmp_path, kv_ca
         kernels.select(None)
 
 
+def test_a_packed_model_without_built_kernels_warns_that_it_runs_slowly(packed, monkeypatch):
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    with pytest.warns(UserWarning, match="native kernels are not built"):
+        model = load(packed).model
+    assert not any(isinstance(m, FastLinear) for m in model.modules())
+
+
 def _fast_runtime_matches_the_reference_model(tiny_text_dir, tmp_path, kv_cache_bits):
     packed = _packed(tiny_text_dir, tmp_path / "q.safetensors", kv_cache_bits)
     fast, ref = load(packed).model, load(packed, runtime="reference").model
