@@ -34,6 +34,10 @@ static inline __m512 cvtepi32_ps_512(__m512i v) {
 #ifdef PQ_EMULATE /* SIMDe has the AVX-512VL form of the same instruction */
 #define _mm256_dpbusd_avx_epi32 _mm256_dpbusd_epi32
 #endif
+/* compilers that know AVX-VNNI: GCC 11, clang 12 */
+#if defined(PQ_EMULATE) || (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#define PQ_AVXVNNI 1
+#endif
 #define AVX512 TARGET("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")
 
 #define CASES(f, ...)                                                                       \
@@ -176,6 +180,8 @@ const pq_kernels pq_avx2_kernels = {"avx2", has_avx2, 6, 3, w4_avx2, w8_avx2, 0}
 
 /* ---- AVX-VNNI (Intel client chips): the AVX2 layout with vpdpbusd on 256 bits ------------------------ */
 
+#ifdef PQ_AVXVNNI
+
 AVXVNNI static INLINE void w4_half_vnni256(const uint8_t *a, int64_t lda, const int n, int64_t K, const uint8_t *w,
                                            const uint16_t *s, int64_t per, int h, float acc[][PANEL]) {
     const __m256i nib = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
@@ -228,6 +234,13 @@ AVXVNNI static void w8_vnni256(const uint8_t *a, int64_t lda, int n, int64_t K, 
 static int has_avxvnni(void) { return has_avx2() && HAS("avxvnni"); }
 
 const pq_kernels pq_avxvnni_kernels = {"avxvnni", has_avxvnni, 6, 6, w4_vnni256, w8_vnni256, 0};
+
+#else /* a compiler without AVX-VNNI */
+
+static int no_avxvnni(void) { return 0; }
+const pq_kernels pq_avxvnni_kernels = {"avxvnni", no_avxvnni, 1, 1, 0, 0, 0};
+
+#endif
 
 /* ---- AVX-512 VNNI: vpdpbusd sums four u8 x s8 products into each int32 lane ------------------------ */
 
