@@ -119,6 +119,8 @@ def test_shared_embedding_output_table(float_model, tmp_path):
         assert isinstance(fast.embed_tokens, PackedEmbedding) and fast.embed_tokens.head is fast.lm_head
         assert torch.equal(fast.embed_tokens(TOKENS), loaded.embed_tokens(TOKENS))
         assert torch.equal(fast(TOKENS), load(p1).model(TOKENS))
+        with pytest.raises(kernels.PocketQuantError, match=r"token ids must be in \[0, 256\), got 0..256"):
+            fast(torch.tensor([[0, 256]]))
 
 
 def test_packed_bf16(float_model, tmp_path):

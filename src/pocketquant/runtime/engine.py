@@ -95,7 +95,8 @@ class PackedEmbedding(nn.Module):
         self.head, self.out_dtype = head, out_dtype
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return kernels.gather_w8(self.head.packed, self.head.scales, tokens).to(self.out_dtype)
+        head = self.head
+        return kernels.gather_w8(head.packed, head.scales, tokens, head.out_features).to(self.out_dtype)
 
 
 def group_sums(qweight: torch.Tensor, group: int, unpack: bool, rows: int = 256) -> torch.Tensor:

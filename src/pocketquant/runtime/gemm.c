@@ -20,7 +20,8 @@ void pq_pack_w4(const uint8_t *w, const uint16_t *s, int64_t N, int64_t K, int64
             for (int64_t b = 0; b < nb; b++)
                 for (int c = 0; c < 4; c++)
                     for (int i = 0; i < 4; i++)
-                        out[(p * nb + b) * 256 + 64 * c + 4 * r + i] = n < N ? w[n * (K / 2) + 16 * b + 4 * c + i] : 0x88;
+                        out[(p * nb + b) * 256 + 64 * c + 4 * r + i] =
+                            n < N ? w[n * (K / 2) + 16 * b + 4 * c + i] : 0x88; /* 0x88: two zeros */
             for (int64_t g = 0; g < groups; g++) out_s[(p * groups + g) * PANEL + r] = n < N ? s[n * groups + g] : 0;
         }
 }

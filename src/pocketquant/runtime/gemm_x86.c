@@ -81,11 +81,10 @@ AVX2 static INLINE void w4_half_avx2(const uint8_t *a, int64_t lda, const int n,
         }
         for (int i = 0; i < n; i++) {
             const uint8_t *ai = a + i * lda + 32 * b;
-            __m256i d0 = _mm256_add_epi16(_mm256_maddubs_epi16(bcast4(ai), wv[0]), _mm256_maddubs_epi16(bcast4(ai + 4), wv[1]));
-            __m256i d1 = _mm256_add_epi16(_mm256_maddubs_epi16(bcast4(ai + 8), wv[2]), _mm256_maddubs_epi16(bcast4(ai + 12), wv[3]));
-            __m256i d2 = _mm256_add_epi16(_mm256_maddubs_epi16(bcast4(ai + 16), wv[4]), _mm256_maddubs_epi16(bcast4(ai + 20), wv[5]));
-            __m256i d3 = _mm256_add_epi16(_mm256_maddubs_epi16(bcast4(ai + 24), wv[6]), _mm256_maddubs_epi16(bcast4(ai + 28), wv[7]));
-            __m256i d = _mm256_add_epi16(_mm256_add_epi16(d0, d1), _mm256_add_epi16(d2, d3));
+            __m256i p[8]; /* the 8 steps' pair sums, added as a tree */
+            for (int j = 0; j < 8; j++) p[j] = _mm256_maddubs_epi16(bcast4(ai + 4 * j), wv[j]);
+            __m256i d = _mm256_add_epi16(_mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3])),
+                                         _mm256_add_epi16(_mm256_add_epi16(p[4], p[5]), _mm256_add_epi16(p[6], p[7])));
             f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d, ones)), sc, f[i]);
         }
     }
@@ -149,7 +148,8 @@ AVX2 static INLINE void w8_rows_avx2(const uint8_t *a, int64_t lda, const int n,
             for (int h = 0; h < nh; h++) {
                 __m256i raw = _mm256_loadu_si256((const __m256i *)(w + 64 * j + 32 * (h0 + h)));
                 __m256i lo = _mm256_and_si256(raw, nib);
-                __m256i hi = _mm256_sub_epi8(_mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), eight), eight);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib); /* sign-extended below */
+                hi = _mm256_sub_epi8(_mm256_xor_si256(hi, eight), eight);
                 for (int i = 0; i < n; i++) {
                     __m256i av = bcast4(a + i * lda + 4 * j);
                     lo16[i][h] = _mm256_add_epi16(lo16[i][h], _mm256_maddubs_epi16(av, lo));

@@ -46,7 +46,7 @@ def lib():
                  if (here / f"_kernels{s}").exists()]
         if not found:
             raise NotBuilt("the native kernels are not built: reinstall pocketquant with a C compiler "
-                                   "present (pip install .), or use the reference runtime")
+                           "present (pip install .), or use the reference runtime")
         cdll = _bind(ctypes.CDLL(str(found[0])))
         if os.environ.get(ENV):
             _select(cdll, os.environ[ENV])
@@ -127,10 +127,13 @@ def pack_w8(qweight: torch.Tensor, out: torch.Tensor):
     lib().pq_pack_w8(_p(qweight.contiguous()), N, K, _p(out))
 
 
-def gather_w8(packed: torch.Tensor, scales: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Rows `tokens` of a packed int8 table times their float32 scales -> float32 [*tokens.shape, K]."""
+def gather_w8(packed: torch.Tensor, scales: torch.Tensor, tokens: torch.Tensor, rows: int) -> torch.Tensor:
+    """Rows `tokens` (each in [0, rows)) of a packed int8 table times their float32 scales -> float32
+    [*tokens.shape, K]."""
     K = packed.shape[1] // PANEL
     flat = tokens.reshape(-1).to(torch.int64).contiguous()
+    if flat.numel() and not 0 <= int(flat.min()) <= int(flat.max()) < rows:
+        raise PocketQuantError(f"token ids must be in [0, {rows}), got {int(flat.min())}..{int(flat.max())}")
     out = torch.empty(flat.numel(), K, dtype=torch.float32)
     lib().pq_gather_w8(_p(packed), _p(scales), K, _p(flat), flat.numel(), _p(out))
     return out.view(*tokens.shape, K)
@@ -197,8 +200,8 @@ class CacheParams(ctypes.Structure):
 def decode_layers(layers, caches, x: torch.Tensor, pos: int, inv_freq: torch.Tensor, scratch: torch.Tensor,
                   qa: torch.Tensor, threads: int):
     """One token through every layer (ctypes arrays of LayerParams and CacheParams), in place on x [dim]."""
-    lib().pq_decode_layers(ctypes.addressof(layers), ctypes.addressof(caches), len(layers), _p(x), pos, _p(inv_freq), _p(scratch),
-      _p(qa), threads)
+    lib().pq_decode_layers(ctypes.addressof(layers), ctypes.addressof(caches), len(layers), _p(x), pos,
+                           _p(inv_freq), _p(scratch), _p(qa), threads)
 
 
 def drop_file_pages(*tensors: torch.Tensor):
