@@ -60,12 +60,22 @@ AVX2 static INLINE __m256i bcast4(const uint8_t *p) {
     return _mm256_set1_epi32(v);
 }
 
+/* Steps 0..7 of rows 8h..8h+7 of a panel's 32-block (256 bytes from blk), as signed bytes in [-8, 7]. */
+AVX2 static INLINE void unpack_w4_avx2(const uint8_t *blk, int h, __m256i wv[8]) {
+    const __m256i nib = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+    for (int c = 0; c < 4; c++) {
+        __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 32 * h + 64 * c));
+        wv[c] = _mm256_sub_epi8(_mm256_and_si256(raw, nib), eight);
+        wv[c + 4] = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), eight);
+    }
+}
+
 /* Rows 8h..8h+7 of a panel against n tokens. A block's 8 maddubs per token add up in int16 without
  * overflow: each is a pair of u8 x [-8, 7] products, at most 2 * 255 * 8 = 4080 in size, and 8 * 4080 < 32768.
  * The block's 8 unpacked weight vectors serve every token (from registers or L1). */
 AVX2 static INLINE void w4_half_avx2(const uint8_t *a, int64_t lda, const int n, int64_t K, const uint8_t *w,
                                      const uint16_t *s, int64_t per, int h, float acc[][PANEL]) {
-    const __m256i nib = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
     __m256 f[MAX_TILE], sc = _mm256_setzero_ps();
     for (int i = 0; i < n; i++) f[i] = _mm256_setzero_ps();
     for (int64_t b = 0, left = 0; b < K / 32; b++, left--) {
@@ -74,11 +84,7 @@ AVX2 static INLINE void w4_half_avx2(const uint8_t *a, int64_t lda, const int n,
             s += PANEL, left = per;
         }
         __m256i wv[8];
-        for (int c = 0; c < 4; c++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(w + b * 256 + 32 * h + 64 * c));
-            wv[c] = _mm256_sub_epi8(_mm256_and_si256(raw, nib), eight);
-            wv[c + 4] = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), eight);
-        }
+        unpack_w4_avx2(w + b * 256, h, wv);
         for (int i = 0; i < n; i++) {
             const uint8_t *ai = a + i * lda + 32 * b;
             __m256i p[8]; /* the 8 steps' pair sums, added as a tree */
@@ -184,7 +190,6 @@ const pq_kernels pq_avx2_kernels = {"avx2", has_avx2, 6, 3, w4_avx2, w8_avx2, 0}
 
 AVXVNNI static INLINE void w4_half_vnni256(const uint8_t *a, int64_t lda, const int n, int64_t K, const uint8_t *w,
                                            const uint16_t *s, int64_t per, int h, float acc[][PANEL]) {
-    const __m256i nib = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
     __m256 f[MAX_TILE], sc = _mm256_setzero_ps();
     for (int i = 0; i < n; i++) f[i] = _mm256_setzero_ps();
     for (int64_t b = 0, left = 0; b < K / 32; b++, left--) {
@@ -193,11 +198,7 @@ AVXVNNI static INLINE void w4_half_vnni256(const uint8_t *a, int64_t lda, const 
             s += PANEL, left = per;
         }
         __m256i wv[8];
-        for (int c = 0; c < 4; c++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(w + b * 256 + 32 * h + 64 * c));
-            wv[c] = _mm256_sub_epi8(_mm256_and_si256(raw, nib), eight);
-            wv[c + 4] = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), eight);
-        }
+        unpack_w4_avx2(w + b * 256, h, wv);
         for (int i = 0; i < n; i++) {
             const uint8_t *ai = a + i * lda + 32 * b;
             __m256i d = _mm256_setzero_si256();
