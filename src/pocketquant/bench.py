@@ -39,15 +39,11 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
     return torch.randint(100, min(vocab, 30000), (n,), generator=g).tolist()
 
 
-def _torch_runner(cfg: Config, s: Settings, paths: dict):
+def _torch_runner(cfg: Config, s: Settings):
     from pocketquant.runtime import load
     from pocketquant.runtime.generate import stream_tokens
 
     model = load(cfg.source, cfg.dtype, "reference" if cfg.kind == "reference" else "fast").model
-    if cfg.kind != "torch":
-        from pocketquant.runtime.engine import kernel_paths
-
-        paths.update(kernel_paths(model))
     prompt = prompt_ids(model.config.vocab_size, s.prompt_tokens)
 
     @torch.inference_mode()
@@ -62,7 +58,9 @@ def _torch_runner(cfg: Config, s: Settings, paths: dict):
         n = sum(1 for _ in tokens)
         t3 = time.perf_counter()
         return t1 - t0, n / (t3 - t2)
-    return once, _weight_bytes(cfg, model)
+    from pocketquant.runtime.engine import kernel_paths
+
+    return once, _weight_bytes(cfg, model), {} if cfg.kind == "torch" else kernel_paths(model)
 
 
 def llama_last_logits(llm):
@@ -73,7 +71,7 @@ def llama_last_logits(llm):
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
-def _llama_runner(cfg: Config, s: Settings, paths: dict):
+def _llama_runner(cfg: Config, s: Settings):
     import numpy as np
     from llama_cpp import Llama
 
@@ -93,7 +91,7 @@ def _llama_runner(cfg: Config, s: Settings, paths: dict):
             token = int(np.argmax(llama_last_logits(llm)))
         t2 = time.perf_counter()
         return t1 - t0, s.decode_tokens / (t2 - t1)
-    return once, Path(cfg.source).stat().st_size
+    return once, Path(cfg.source).stat().st_size, {}
 
 
 def _weight_bytes(cfg: Config, model) -> int:
@@ -110,8 +108,8 @@ def measure(cfg: Config, s: Settings) -> dict:
     """Run one configuration in this process; returns every figure by name."""
     torch.set_num_threads(s.threads)
     t0 = time.perf_counter()
-    paths = {}  # module family -> the kernel path it runs (packed models)
-    once, size = (_llama_runner if cfg.kind == "llama.cpp" else _torch_runner)(cfg, s, paths)
+    # paths: module family -> the kernel path it runs (packed models)
+    once, size, paths = (_llama_runner if cfg.kind == "llama.cpp" else _torch_runner)(cfg, s)
     load_s = time.perf_counter() - t0
     once()  # warm-up
     runs = [once() for _ in range(s.repeats)]
@@ -253,8 +251,9 @@ def table(result: dict) -> str:
               f"{result['decode_bytes_per_token'] / 1e6:.1f} MB/token -> roofline "
               f"{result['decode_roofline_tok_s']:.1f} tok/s; pocketquant decode is "
               f"{result['decode_of_roofline']:.0%} of it"]
-    paths = cfgs[0].get("kernel_paths", {})
-    lines += ["", f"{cfgs[0]['label']} runs:"] + [f"  {family:<12} {what}" for family, what in paths.items()]
+    from pocketquant.runtime.engine import paths_lines
+
+    lines += ["", f"{cfgs[0]['label']} runs:"] + paths_lines(cfgs[0].get("kernel_paths", {}))
     return "\n".join(lines)
 
 

@@ -66,6 +66,8 @@ def kernel_paths(h) -> dict[str, str]:
 
 def report(path: Path) -> str:
     """A human-readable description of a packed file."""
+    from pocketquant.runtime.engine import paths_lines
+
     h = read_header(path)
     table = tensor_table(path)
     int4 = {n for n, dtype, _ in table if n.endswith(".qweight") and dtype == "U8"}
@@ -84,7 +86,7 @@ def report(path: Path) -> str:
             note = "  (tied to the embedding)"
         lines.append(f"{name:<10} {f.bytes:>14,} {f.weights:>14,} {f.bits_per_weight:>12.3f}{note}")
     lines.append(f"{'total':<10} {total.bytes:>14,} {total.weights:>14,} {total.bits_per_weight:>12.3f}")
-    lines += ["", "on this CPU's fast runtime:"] + [f"  {family:<12} {what}" for family, what in kernel_paths(h).items()]
+    lines += ["", "on this CPU's fast runtime:"] + paths_lines(kernel_paths(h))
     lines += ["", f"{'tensor':<44} {'dtype':<5} shape"]
     lines += [f"{n:<44} {d:<5} {list(s)}" for n, d, s in table]
     return "\n".join(lines)

@@ -230,3 +230,8 @@ def kernel_paths(model: nn.Module) -> dict[str, str]:
     if path and decodes_natively(model):
         found["decode step"] = {f"one native call through every layer ({path})"}
     return {family: "; ".join(sorted(d)) for family, d in found.items()}
+
+
+def paths_lines(paths: dict[str, str]) -> list[str]:
+    """kernel_paths as indented report lines."""
+    return [f"  {family:<12} {what}" for family, what in paths.items()]
