@@ -51,7 +51,7 @@ def tiny(tmp_path):
     hf_model(tie_word_embeddings=True, rope_scaling=None).save_pretrained(d)
     save_byte_tokenizer(d)
     packed = tmp_path / "q.safetensors"
-    assert main(["quantize", str(d), "-o", str(packed)]) == 0
+    assert main(["quantize", str(d), "-o", str(packed), "--method", "rtn"]) == 0
     return d, packed
 
 
@@ -330,7 +330,7 @@ def test_only_pocketquant_temporary_files_of_the_output_are_removed(tiny, tmp_pa
     others = [".notes.txt.partial-draft", ".x.partial-999999999-abc", ".out.safetensors.partial-draft"]
     for name in others:
         (tmp_path / name).write_text("someone else's")
-    assert cli(capsys, "quantize", d, "-o", tmp_path / "out.safetensors")[0] == 0
+    assert cli(capsys, "quantize", d, "-o", tmp_path / "out.safetensors", "--method", "rtn")[0] == 0
     assert all((tmp_path / name).read_text() == "someone else's" for name in others)
 
 
@@ -344,7 +344,7 @@ def test_planted_links_are_never_followed(tiny, tmp_path, capsys):
     report = tmp_path / "report"
     report.mkdir()
     (report / "report.md").symlink_to(victim)
-    assert cli(capsys, "quantize", d, "-o", out)[0] == 0
+    assert cli(capsys, "quantize", d, "-o", out, "--method", "rtn")[0] == 0
     assert cli(capsys, "eval", d, "--limit", "40", "--context", "16", "--tasks", "--report", report)[0] == 0
     assert victim.read_text() == "precious"
     assert not (report / "report.md").is_symlink() and "pocketquant evaluation" in (report / "report.md").read_text()

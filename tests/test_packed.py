@@ -235,8 +235,8 @@ def test_cli_quantize_and_inspect(tmp_path, float_model):
     hf_model(tie_word_embeddings=True, rope_scaling=None).save_pretrained(tmp_path / "src")
     out = tmp_path / "q.safetensors"
     run = [sys.executable, "-m", "pocketquant"]
-    proc = subprocess.run(run + ["quantize", str(tmp_path / "src"), "-o", str(out)], capture_output=True,
-                          text=True)
+    proc = subprocess.run(run + ["quantize", str(tmp_path / "src"), "-o", str(out), "--method", "rtn"],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout and "--share-embedding-output would write" in proc.stdout
     proc = subprocess.run(run + ["inspect", str(out)], capture_output=True, text=True)

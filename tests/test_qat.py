@@ -247,8 +247,8 @@ def test_cli_train_writes_a_packed_file_with_adapters(tiny_text_dir, tmp_path):
     assert "trained 6 steps" in proc.stdout and not (tmp_path / "qat.safetensors.train-state").exists()
     header = read_header(out)
     assert header.lora == {"rank": 4, "scale": 2.0, "dtype": "bfloat16"}
-    assert header.recipe[0]["method"] == "qat+lora" and header.recipe[0]["steps"] == 3
-    assert header.recipe[0]["rotations"] == "hadamard" and header.recipe[0]["init"] == "gptq"
+    assert [s["method"] for s in header.recipe] == ["spinquant", "gptq", "qat+lora"]
+    assert header.recipe[-1]["steps"] == 3 and not header.recipe[0]["learn"] and header.recipe[1]["samples"] == 128
     assert header.config.hadamard_down and not header.config.tie_embeddings  # rotated: R4 online, norms folded
     plain = tmp_path / "plain.safetensors"
     proc = subprocess.run(run + ["--qat", "--rotations", "none", "--init", "float", "-o", str(plain)],
@@ -258,24 +258,28 @@ def test_cli_train_writes_a_packed_file_with_adapters(tiny_text_dir, tmp_path):
     merged = tmp_path / "merged.safetensors"
     proc = subprocess.run(run + ["--qat", "--lora", "--merge-lora", "-o", str(merged)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert read_header(merged).lora is None and read_header(merged).recipe[0]["lora_merged"]
+    assert read_header(merged).lora is None and read_header(merged).recipe[-1]["merge_lora"]
     bad = subprocess.run(run + ["-o", str(tmp_path / "x.safetensors")], capture_output=True, text=True)
     assert bad.returncode == 1 and "--qat, --lora, or both" in bad.stderr
 
 
 def test_train_killed_in_its_gptq_start_or_at_its_end_reruns_to_the_same_file(tiny_text_dir, tmp_path, monkeypatch):
-    """The GPTQ start keeps its state inside the training state: kills there, or while the states are removed,
-    must neither block the rerun nor change the file."""
-    from pocketquant.quant.train import train_model
+    """Kills in the GPTQ step, in the training step, or while their states are removed must neither block the
+    rerun nor change the file."""
+    from pocketquant.quant.gptq import GPTQConfig
+    from pocketquant.quant.recipe import quantize
+    from pocketquant.quant.spinquant import SpinQuantConfig
 
     text = tmp_path / "train.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    config = TrainConfig(SCHEME, steps=2, seq_len=32, grad_accum=1, gptq_samples=4, checkpoint_every=1)
-    whole = train_model(tiny_text_dir[0], tmp_path / "whole.safetensors", config, text, progress=False)
+    steps = (SpinQuantConfig(SCHEME, learn=False), GPTQConfig(SCHEME, 4, 32, text=str(text)),
+             TrainConfig(SCHEME, steps=2, seq_len=32, grad_accum=1, checkpoint_every=1, data=str(text)))
+    whole = quantize(tiny_text_dir[0], steps, tmp_path / "whole.safetensors", progress=False)
     out = tmp_path / "out.safetensors"
-    for k in (2, 4, 6, 13):  # in GPTQ's first and second layer, in training, and in removing the states
+    # kills: in GPTQ's first and second layer, in training's first and second step, in removing the states
+    for k in (2, 6, 7, 5, 3):
         with killed_at_write(monkeypatch, k), pytest.raises(KeyboardInterrupt):
-            train_model(tiny_text_dir[0], out, config, text, progress=False)
-    again = train_model(tiny_text_dir[0], out, config, text, progress=False)
-    assert out.read_bytes() == whole.path.read_bytes() and again.losses == whole.losses
+            quantize(tiny_text_dir[0], steps, out, progress=False)
+    again = quantize(tiny_text_dir[0], steps, out, progress=False)
+    assert out.read_bytes() == whole.path.read_bytes() and again.report["losses"] == whole.report["losses"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "tiny", "train.txt", "whole.safetensors"]

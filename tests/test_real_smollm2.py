@@ -123,9 +123,9 @@ def test_fetch_refuses_a_wrong_checksum(tmp_path, monkeypatch):
 def test_rtn_int4_eo8_still_answers_and_perplexity_side_by_side(smollm2, smollm2_gguf, tmp_path):
     from pocketquant.data import shipped_text
     from pocketquant.eval.perplexity import perplexity
-    from pocketquant.quant.recipe import quantize
+    from pocketquant.quant.recipe import from_options, quantize
 
-    out = quantize(smollm2_gguf, tmp_path / "rtn.safetensors", progress=False)
+    out = quantize(smollm2_gguf, from_options("rtn"), tmp_path / "rtn.safetensors", progress=False)
     q = load_model(out.path)
     tok = q.tokenizer
     answer = "".join(stream_text(q.model, tok, tok.encode_chat(PARIS), 30))
@@ -161,9 +161,9 @@ def test_basic_mc_accuracy_is_above_chance(smollm2):
 
 
 def test_cli_generate_on_a_packed_file_with_the_fast_runtime(smollm2_gguf, tmp_path):
-    from pocketquant.quant.recipe import quantize
+    from pocketquant.quant.recipe import from_options, quantize
 
-    out = quantize(smollm2_gguf, tmp_path / "rtn.safetensors", progress=False).path
+    out = quantize(smollm2_gguf, from_options("rtn"), tmp_path / "rtn.safetensors", progress=False).path
     fast = run_cli("generate", str(out), "--prompt", "What is the capital of France?", "--chat",
                    "--max-new-tokens", "8")
     ref = run_cli("generate", str(out), "--prompt", "What is the capital of France?", "--chat",

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+DTYPES = ("float32", "bfloat16")
+
+
+def schemes() -> list[str]:
+    from pocketquant.scheme import PRESETS  # light: no torch
+
+    return list(PRESETS)
+
 
 def add_model_options(p: argparse.ArgumentParser):
     p.add_argument("model", metavar="MODEL",
                    help="a path (HF directory, Meta directory, .gguf) or a known name such as smollm2-135m")
-    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="float32 (default) or bfloat16")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--runtime", default="fast", choices=["fast", "reference"],
                    help="for packed files: native kernels (default) or the reference definition")

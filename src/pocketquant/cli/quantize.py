@@ -1,20 +1,28 @@
-"""`pocketquant quantize MODEL --method rtn --scheme int4-eo8 -o OUT.safetensors`."""
+"""`pocketquant quantize MODEL [--method hadamard|spinquant|gptq|rtn] [--recipe FILE] -o OUT.safetensors`."""
 
 from __future__ import annotations
 
 
+DEFAULT_METHOD = "hadamard"
+
+
 def register(p):
+    from pocketquant.cli.common import schemes
+
     p.add_argument("model", metavar="MODEL", help="a float model: path or known name (smollm2-135m)")
     p.add_argument("-o", "--output", required=True, help="the packed file to write (.safetensors)")
-    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "spinquant"],
-                   help="rtn (default, no data), gptq (calibrated; resumes after a kill), or spinquant (learned "
-                        "rotations, then --then gptq|rtn)")
-    p.add_argument("--scheme", default="int4-eo8",
-                   help="int4-eo8 (default), int4-eo8-g128, int8, w4-g32")
+    p.add_argument("--recipe", default=None, metavar="FILE",
+                   help="run the steps of a recipe file (.json) or replay the recipe stored in a packed file; "
+                        "instead of --method and --scheme")
+    p.add_argument("--method", default=None, choices=["rtn", "gptq", "hadamard", "spinquant"],
+                   help="hadamard (default: random Hadamard rotations R1/R2 + online R4, then GPTQ), spinquant "
+                        "(learned rotations, then --then gptq|rtn), gptq (calibrated; resumes after a kill), or rtn "
+                        "(no data, seconds, least accurate)")
+    p.add_argument("--scheme", default=None, choices=schemes(), help="the quantization scheme (default int4-eo8)")
     p.add_argument("--scale-rule", default=None, choices=["signed-max", "absmax"],
                    help="how block-linear scales are chosen (default: the scheme's, signed-max)")
     p.add_argument("--search-clip", action="store_true",
-                   help="search a clipping ratio per group that minimizes the weight error")
+                   help="rtn: search a clipping ratio per group that minimizes the weight error")
     p.add_argument("--share-embedding-output", action="store_true",
                    help="for a tied model: one int8 table for embedding and output (smaller, same numbers)")
     p.add_argument("--kv-cache", default=None, choices=["float", "int8"],
@@ -28,7 +36,7 @@ def register(p):
     g.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="quantize columns in their natural order, each group's scale from its weights as updated "
                         "(default: by decreasing Hessian diagonal, scales fixed up front)")
-    s = p.add_argument_group("spinquant")
+    s = p.add_argument_group("hadamard and spinquant")
     s.add_argument("--then", default="gptq", choices=["gptq", "rtn"], help="quantizer after the rotations")
     s.add_argument("--rotations", default=None, metavar="FILE",
                    help="reuse rotations saved by an earlier run (OUT.rotations.safetensors) instead of learning")
@@ -41,32 +49,46 @@ def register(p):
     s.add_argument("--spin-int4-weights", action="store_true",
                    help="fake-quantize the weights to int4 in the search too (default: 16-bit weights, as Meta)")
     s.add_argument("--spin-seed", type=int, default=0, help="seed of the random Hadamard start (default 0)")
-    s.add_argument("--no-learn", action="store_true", help="random Hadamard rotations only (no search)")
+    s.add_argument("--no-learn", action="store_true", help="spinquant: random Hadamard rotations only (= hadamard)")
     p.set_defaults(run=run)
+
+
+def steps_from(args) -> tuple:
+    """The recipe the arguments give: a --recipe file, or the one the options describe."""
+    from pocketquant.errors import PocketQuantError
+    from pocketquant.quant import recipe
+
+    if args.recipe:
+        if args.method or args.scheme:
+            raise PocketQuantError("--recipe already says the method and the scheme; drop --method / --scheme")
+        return recipe.read(args.recipe)
+    gptq = {"samples": args.calib_samples, "seq_len": args.calib_len, "damp": args.damp,
+            "act_order": args.act_order, "text": args.calib_text}
+    spin = {"iterations": args.spin_iterations, "samples": args.spin_samples, "seq_len": args.spin_len,
+            "lr": args.spin_lr, "learn": not args.no_learn, "loss": args.spin_loss,
+            "fake_quant_weights": args.spin_int4_weights, "seed": args.spin_seed, "rotations": args.rotations,
+            "text": args.calib_text}
+    return recipe.from_options(args.method or DEFAULT_METHOD, args.scheme or "int4-eo8", search_clip=args.search_clip,
+                               scale_rule=args.scale_rule, share_embedding_output=args.share_embedding_output,
+                               kv_cache_bits={None: None, "float": None, "int8": 8}[args.kv_cache], gptq=gptq,
+                               spin=spin, then=args.then)
 
 
 def run(args) -> int:
     from pocketquant.quant.recipe import quantize
 
-    r = quantize(args.model, args.output, args.method, args.scheme, args.search_clip,
-                 args.share_embedding_output, args.scale_rule,
-                 kv_cache_bits={None: None, "float": None, "int8": 8}[args.kv_cache],
-                 calib_samples=args.calib_samples, calib_len=args.calib_len, damp=args.damp,
-                 act_order=args.act_order, calib_text=args.calib_text, rotations=args.rotations, then=args.then,
-                 spin={"iterations": args.spin_iterations, "samples": args.spin_samples, "seq_len": args.spin_len,
-                       "lr": args.spin_lr, "learn": not args.no_learn, "loss": args.spin_loss,
-                       "fake_quant_weights": args.spin_int4_weights,
-                       "seed": args.spin_seed})
+    r = quantize(args.model, steps_from(args), args.output)
     if r is None:  # a torchrun helper process: the first process writes the files
         return 0
-    print(f"wrote {r.path} ({r.file_bytes:,} bytes)")
-    if r.rotation_losses:
-        n = len(r.rotation_losses)
-        print(f"rotation search: loss {r.rotation_losses[0]:.4f} -> {r.rotation_losses[-1]:.4f} over {n} steps "
-              f"(mean of the first / last 5: {sum(r.rotation_losses[:5]) / min(5, n):.4f} / "
-              f"{sum(r.rotation_losses[-5:]) / min(5, n):.4f}); rotations in {r.rotations}")
-    if r.rotation_heldout:
-        print("rotation search, held-out calibration blocks: loss {:.4f} -> {:.4f}".format(*r.rotation_heldout))
+    print(f"wrote {r.path} ({r.file_bytes:,} bytes) by {' -> '.join(s.to_dict()['method'] for s in r.recipe)}")
+    losses, heldout = r.report.get("rotation_losses"), r.report.get("rotation_heldout")
+    if losses:
+        n = len(losses)
+        print(f"rotation search: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {n} steps "
+              f"(mean of the first / last 5: {sum(losses[:5]) / min(5, n):.4f} / "
+              f"{sum(losses[-5:]) / min(5, n):.4f}); rotations in {r.report['rotations']}")
+    if heldout:
+        print("rotation search, held-out calibration blocks: loss {:.4f} -> {:.4f}".format(*heldout))
     if r.can_share and r.shared:
         print(f"embedding and output share one int8 table; separate tables would add "
               f"{r.output_table_bytes:,} bytes ({r.file_bytes + r.output_table_bytes:,} in all)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,6 +21,7 @@ from pocketquant.files import StateDir, tensors_digest
 from pocketquant.layers import QuantLinear, check_plan, linear_plan, set_module
 from pocketquant.model import Transformer
 from pocketquant.numerics import check_finite, fake_quant_per_token, group_scales, quantize_with_scales
+from pocketquant.quant.context import config_dict, config_from_dict
 from pocketquant.quant.rtn import quantize_embedding
 from pocketquant.scheme import PRESETS, QuantScheme, WeightSpec
 
@@ -39,6 +41,8 @@ class GPTQConfig:
     # without it, RTN 13.41, float 10.60)
     act_order: bool = True
     block: int = 128  # columns updated together (a multiple of the group size)
+    text: str | None = None  # the calibration text (a file; None: the shipped calibration text)
+    VERSION: ClassVar[int] = 1
 
     def __post_init__(self):
         if not 0 <= self.damp < math.inf:  # also refuses NaN
@@ -48,13 +52,23 @@ class GPTQConfig:
                                    f"{self.seq_len} and {self.block}")
 
     def to_dict(self) -> dict:
-        return {"method": "gptq", "scheme": self.scheme.to_dict(), "samples": self.samples, "seq_len": self.seq_len,
-                "damp": self.damp, "act_order": self.act_order, "block": self.block}
+        return config_dict(self, "gptq")
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTQConfig":
-        return cls(QuantScheme.from_dict(d["scheme"]), int(d["samples"]), int(d["seq_len"]), float(d["damp"]),
-                   bool(d["act_order"]), int(d["block"]))
+        return config_from_dict(cls, d, "gptq")
+
+    def check(self, model: Transformer, ctx):
+        from pocketquant.checkpoints import check_length
+
+        check_length(model.config, self.seq_len, "--calib-len")
+        ctx.blocks(self.text, self.samples, self.seq_len, at_most=True)
+
+    def apply(self, model: Transformer, ctx) -> Transformer:
+        """GPTQ on the first `samples` blocks of `text`, checkpointed in OUT.gptq-state/ (kept until the
+        packed file is written)."""
+        return apply(model, self, ctx.blocks(self.text, self.samples, self.seq_len, at_most=True), ctx.progress,
+                     state_dir=ctx.beside_out(".gptq-state"))
 
 
 def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float = 0.01, act_order: bool = True,

@@ -1,117 +1,226 @@
-"""`quantize`: load a float model, run a method under a scheme, write the packed file."""
+"""Recipes: a quantization is an ordered list of steps, each a frozen config with a version that
+round-trips through JSON (`to_dict` / `from_dict`), applied in turn by `apply(model, *steps)`:
+
+    spinquant  rotate (learned R1/R2, or random Hadamard with learn=False; R4, and R3 for an int8 KV cache)
+    rtn | gptq quantize the float linears
+    qat / lora train with the quantization in the loop (one step, one or both phases), then quantize
+
+The packed file stores the recipe it was made by, so `quantize --recipe OLD.safetensors` makes it again.
+`quantize` (and the `quantize` / `train` verbs) are drivers: load, apply, write."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+import copy
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pocketquant.errors import PocketQuantError
+from pocketquant.quant.context import Context
+from pocketquant.quant.gptq import GPTQConfig
+from pocketquant.quant.rtn import RTNConfig
+from pocketquant.quant.spinquant import SpinQuantConfig
+from pocketquant.quant.train import TrainConfig
 from pocketquant.scheme import QuantScheme, get_scheme
 
-METHODS = ("rtn", "gptq", "spinquant")
+STEPS = {"spinquant": SpinQuantConfig, "rtn": RTNConfig, "gptq": GPTQConfig, "qat": TrainConfig,
+         "lora": TrainConfig, "qat+lora": TrainConfig}
+QUANTIZERS = (RTNConfig, GPTQConfig, TrainConfig)
+FORMAT, VERSION = "pocketquant.recipe", 1
 
 
-@dataclass
-class QuantizeResult:
-    path: Path
-    file_bytes: int
-    output_table_bytes: int  # bytes of a separate int8 output table (0 when the output stays float)
-    shared: bool  # embedding and output share one int8 table
-    can_share: bool  # the model is tied and both are int8 per channel
-    rotation_losses: list[float] = dataclasses.field(default_factory=list)  # SpinQuant's search, per step
-    rotations: Path | None = None  # the learned rotations (SpinQuant)
-    rotation_heldout: tuple[float, float] | None = None  # search loss on held-out blocks, before and after
+def check(steps) -> tuple:
+    """The steps as a valid recipe: one scheme; a rotation only first; at most one of rtn and gptq; training
+    only last; and it ends by quantizing."""
+    steps = tuple(steps)
+    if not steps:
+        raise PocketQuantError("a recipe needs at least one step")
+    for s in steps:
+        if not isinstance(s, tuple(set(STEPS.values()))):
+            raise PocketQuantError(f"not a recipe step: {s!r}")
+    if len({json.dumps(s.scheme.to_dict(), sort_keys=True) for s in steps}) > 1:
+        raise PocketQuantError("every step of a recipe must use the same scheme")
+    kinds = [type(s) for s in steps]
+    if SpinQuantConfig in kinds[1:]:
+        raise PocketQuantError("a spinquant step can only come first")
+    if kinds.count(RTNConfig) + kinds.count(GPTQConfig) > 1:
+        raise PocketQuantError("a recipe quantizes with rtn or gptq once")
+    if TrainConfig in kinds[:-1]:
+        raise PocketQuantError("training (qat, lora) can only be the last step")
+    if not isinstance(steps[-1], QUANTIZERS):
+        raise PocketQuantError("a recipe must end by quantizing: rtn, gptq, qat or lora")
+    return steps
 
 
-def quantize(source: str | Path, out: str | Path, method: str = "rtn", scheme: str | QuantScheme = "int4-eo8",
-             search_clip: bool = False, share_embedding_output: bool = False, scale_rule: str | None = None,
-             kv_cache_bits: int | None = None, progress=True, calib_samples: int = 128, calib_len: int = 512,
-             damp: float = 0.01, act_order: bool = True, calib_text: str | None = None,
-             spin: dict | None = None, rotations: str | Path | None = None, then: str = "gptq") -> QuantizeResult:
-    """Quantize `source` (path or known name) with `method` under `scheme`; write the packed file `out`.
-
-    GPTQ calibrates on `calib_samples` blocks of `calib_len` tokens of `calib_text` (default: the shipped
-    calibration text) and checkpoints each layer in OUT.gptq-state/, from which a rerun resumes.
-    SpinQuant learns rotations (`spin`: SpinQuantConfig fields; or reuses the file `rotations`), writes
-    them to OUT.rotations.safetensors, merges them, then quantizes with `then` (gptq or rtn). Under
-    torchrun every process shares the rotation search; the first one quantizes and writes the files,
-    the others return None."""
-    from pocketquant.checkpoints import check_length, load_float_model
-    from pocketquant.files import check_output
+def apply(model, *steps, ctx: Context | None = None):
+    """Apply the steps in order to the float `model` (in place) and return the quantized model. Every step
+    first checks what it needs (context length, enough text), so a bad recipe is refused before any work.
+    `ctx.record` lists, after the run, the configs the packed file should store."""
+    steps, ctx = check(steps), ctx or Context()
     from pocketquant.layers import check_plan
-    from pocketquant.packed import save_packed
-    from pocketquant.progress import bar
-    from pocketquant.quant import gptq, rtn, spinquant
-    from pocketquant.quant.distributed import join_torchrun
+
+    check_plan(model, steps[0].scheme)
+    for s in steps:
+        if hasattr(s, "check"):
+            s.check(model, ctx)
+    if ctx.teacher is None and any(isinstance(s, TrainConfig) and s.distill > 0 for s in steps):
+        ctx.teacher = copy.deepcopy(model)  # the float model, before any step
+    recorded = []
+    for s in steps:
+        ctx.record = s
+        model = s.apply(model, ctx)
+        recorded.append(ctx.record)
+    ctx.record = recorded
+    return model
+
+
+def step_from_dict(d: dict):
+    """One step from its JSON data (its "method" names its kind)."""
+    method = d.get("method") if isinstance(d, dict) else None
+    if method not in STEPS:
+        raise PocketQuantError(f"unknown recipe step {method!r}; known: {', '.join(STEPS)}")
+    return STEPS[method].from_dict(d)
+
+
+def to_json(steps) -> str:
+    return json.dumps({"format": FORMAT, "version": VERSION, "steps": [s.to_dict() for s in check(steps)]},
+                      indent=2)
+
+
+def read(path: str | Path) -> tuple:
+    """The steps of a recipe file (.json: what `to_json` writes, or a bare list of steps) or of the packed
+    file a recipe made (its stored recipe; a rotations file it names is looked up beside it)."""
+    from pocketquant.packed import is_packed, read_header
+
+    path = Path(path)
+    if not path.is_file():
+        raise PocketQuantError(f"no such recipe file: {path}")
+    if is_packed(path):
+        steps = [step_from_dict(d) for d in read_header(path).recipe]
+        return check(_beside(s, path.parent) for s in steps)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PocketQuantError(f"{path}: not a recipe (JSON, or a packed .safetensors file): {e}") from e
+    if isinstance(data, dict):
+        if data.get("format") != FORMAT or not isinstance(data.get("steps"), list):
+            raise PocketQuantError(f"{path}: not a recipe (expected {{\"format\": \"{FORMAT}\", \"steps\": [...]}})")
+        if not isinstance(data.get("version"), int) or data["version"] > VERSION:
+            raise PocketQuantError(f"{path}: recipe version {data.get('version')!r}; this pocketquant reads up to "
+                                   f"{VERSION}")
+        data = data["steps"]
+    if not isinstance(data, list):
+        raise PocketQuantError(f"{path}: a recipe is a list of steps")
+    return check(step_from_dict(d) for d in data)
+
+
+def _beside(step, folder: Path):
+    """A spinquant step naming its rotations file by a relative name: the file beside the packed file."""
+    import dataclasses
+
+    if isinstance(step, SpinQuantConfig) and step.rotations and not Path(step.rotations).is_absolute():
+        return dataclasses.replace(step, rotations=str(folder / step.rotations))
+    return step
+
+
+def from_options(method: str = "rtn", scheme: str | QuantScheme = "int4-eo8", *, search_clip: bool = False,
+                 scale_rule: str | None = None, share_embedding_output: bool = False,
+                 kv_cache_bits: int | None = None, gptq: dict | None = None, spin: dict | None = None,
+                 then: str = "gptq") -> tuple:
+    """The recipe the `quantize` verb's options describe. method: rtn, gptq, hadamard (random Hadamard
+    rotations, then `then`), spinquant (learned rotations, then `then`); gptq / spin: GPTQConfig /
+    SpinQuantConfig fields."""
+    import dataclasses
 
     if method not in METHODS:
         raise PocketQuantError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     if then not in ("gptq", "rtn"):
-        raise PocketQuantError(f"SpinQuant quantizes with gptq or rtn, not {then!r}")
-    out = check_output(out, [source, calib_text, rotations], suffix=".safetensors")
+        raise PocketQuantError(f"rotations are followed by gptq or rtn, not {then!r}")
     scheme = get_scheme(scheme)
     if scale_rule is not None:  # the int4/int8 scale rule of the block linears
         weight = dataclasses.replace(scheme.linear.weight, scale_rule=scale_rule)
         scheme = scheme.replace(linear=dataclasses.replace(scheme.linear, weight=weight))
     if share_embedding_output:
-        if method == "spinquant":
-            raise PocketQuantError("--share-embedding-output does not apply to SpinQuant: the rotated embedding "
-                                   "and output layer differ")
+        if method in ("spinquant", "hadamard"):
+            raise PocketQuantError("--share-embedding-output does not apply to rotated models: the rotated "
+                                   "embedding and output layer differ")
         scheme = scheme.replace(share_embedding_output=True)
     if kv_cache_bits is not None:
         scheme = scheme.replace(kv_cache_bits=kv_cache_bits)
-    loaded = load_float_model(source, torch.float32)
-    model = loaded.model
-    check_plan(model, scheme)  # refuse before any work
-    show = bar if progress else None
-    calibration = None
-    if method != "rtn" and not (method == "spinquant" and rotations and then == "rtn"):
-        check_length(model.config, calib_len, "--calib-len")
-        check_length(model.config, (spin or {}).get("seq_len", 0), "--spin-len")
-        from pocketquant.data import read_text, shipped_text
+    steps = []
+    if method in ("spinquant", "hadamard"):
+        spin = dict(spin or {})
+        if method == "hadamard":
+            spin["learn"] = False
+        steps.append(SpinQuantConfig(scheme, **spin))
+        method = then
+    quantizer = RTNConfig(scheme, search_clip) if method == "rtn" else GPTQConfig(scheme, **(gptq or {}))
+    return check([*steps, quantizer])
 
-        if loaded.tokenizer is None:
-            raise PocketQuantError(f"{source} has no tokenizer: {method} needs calibration text")
-        calibration = loaded.tokenizer.encode(read_text(calib_text) if calib_text else shipped_text("calibration"))
-    recipe, result_extra = [], {}
-    if method == "spinquant":
-        from pocketquant.data import token_blocks
 
-        rank = join_torchrun(model.device)
-        config = spinquant.SpinQuantConfig(scheme, **(spin or {}))
-        tokens = heldout = None
-        if not rotations:
-            tokens = token_blocks(calibration, config.samples, config.seq_len)
-            if len(calibration) >= (config.samples + 2) * config.seq_len:  # the text's last two blocks
-                heldout = token_blocks(calibration[-2 * config.seq_len:], 2, config.seq_len)
-        saved = check_output(out.with_name(out.stem + ".rotations.safetensors"), [source, calib_text])
-        model, losses, held = spinquant.prepare(model, config, tokens, show if rank == 0 else None,
-                                                rotations=rotations, save_to=None if rotations or rank else saved,
-                                                heldout=heldout)
-        if rank:
-            return None
-        recipe.append({**config.to_dict(), "rotations": str(rotations) if rotations else saved.name})
-        result_extra = {"rotation_losses": losses, "rotations": Path(rotations) if rotations else saved,
-                        "rotation_heldout": held}
-    if method == "rtn" or (method == "spinquant" and then == "rtn"):
-        config = rtn.RTNConfig(scheme, search_clip)
-        model = rtn.apply(model, config, progress=show)
+METHODS = ("rtn", "gptq", "hadamard", "spinquant")
+
+
+@dataclass
+class QuantizeResult:
+    path: Path | None
+    model: torch.nn.Module  # the quantized model (reference modules)
+    file_bytes: int
+    output_table_bytes: int  # bytes of a separate int8 output table (0 when the output stays float)
+    shared: bool  # embedding and output share one int8 table
+    can_share: bool  # the model is tied and both are int8 per channel
+    recipe: tuple = ()  # the steps as the packed file records them
+    report: dict = field(default_factory=dict)  # what the steps measured (rotation_losses, losses, ...)
+
+
+def quantize(source, steps, out: str | Path | None = None, progress: bool = True, tokenizer=None
+             ) -> QuantizeResult | None:
+    """Load the float model `source` (a path or known name, or a model object with `tokenizer`), apply the
+    recipe `steps`, and write the packed file `out` (atomically; long steps checkpoint beside it, and a
+    rerun of a killed command resumes there). Under torchrun every process shares the work; the first one
+    writes the files, the others return None."""
+    from pocketquant.files import check_output
+    from pocketquant.packed import save_packed
+    from pocketquant.progress import bar
+    from pocketquant.quant.distributed import join_torchrun
+
+    steps = check(steps)
+    scheme = steps[0].scheme
+    inputs = [*(getattr(s, a, None) for s in steps for a in ("text", "data", "rotations"))]
+    if isinstance(source, torch.nn.Module):
+        model = source
     else:
-        from pocketquant.data import token_blocks
+        from pocketquant.checkpoints import load_float_model
 
-        config = gptq.GPTQConfig(scheme, calib_samples, calib_len, damp, act_order)
-        model = gptq.apply(model, config, token_blocks(calibration, calib_samples, calib_len), progress=show,
-                           state_dir=out.with_name(out.name + ".gptq-state"))
-    recipe.append(config.to_dict())
-    save_packed(out, model, scheme, recipe, loaded.tokenizer)
-    gptq.gptq_state(out.with_name(out.name + ".gptq-state")).remove()  # kept until the file was written
+        if out is not None:
+            out = check_output(out, [source, *inputs], suffix=".safetensors")
+        loaded = load_float_model(source, torch.float32)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    if out is not None and isinstance(source, torch.nn.Module):
+        out = check_output(out, inputs, suffix=".safetensors")
+    rank = join_torchrun(model.device) if any(isinstance(s, (SpinQuantConfig, TrainConfig)) for s in steps) else 0
+    ctx = Context(tokenizer, bar if progress else None, Path(out) if out else None, rank=rank)
+    model = apply(model, *steps, ctx=ctx)
+    if rank:
+        return None
+    recipe = tuple(ctx.record)
+    if out is not None:
+        save_packed(out, model, scheme, [s.to_dict() for s in recipe], tokenizer)
+        _remove_states(out)
     lm = model.lm_head
     table = lm.qweight.numel() * lm.qweight.element_size() + lm.scales.numel() * lm.scales.element_size() \
         if hasattr(lm, "qweight") else 0
     can_share = (model.config.tie_embeddings and scheme.embedding is not None and scheme.output is not None
                  and scheme.output.weight == scheme.embedding)
-    return QuantizeResult(out, out.stat().st_size, table, scheme.share_embedding_output, can_share, **result_extra)
+    return QuantizeResult(Path(out) if out else None, model, Path(out).stat().st_size if out else 0, table,
+                          scheme.share_embedding_output, can_share, recipe, ctx.report)
 
+
+def _remove_states(out: Path):
+    """The checkpoints of the steps, kept until the packed file was written."""
+    from pocketquant.files import StateDir
+
+    for suffix, kind in ((".gptq-state", "GPTQ"), (".train-state", "training")):
+        StateDir(out.with_name(out.name + suffix), kind, {}).remove()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from pocketquant.layers import (QuantEmbedding, QuantLinear, check_plan, linear_plan, set_module,
                                 share_embedding_output)
 from pocketquant.model import Transformer
+from pocketquant.quant.context import config_dict, config_from_dict
 from pocketquant.scheme import PRESETS, QuantScheme
 
 
@@ -16,13 +18,17 @@ from pocketquant.scheme import PRESETS, QuantScheme
 class RTNConfig:
     scheme: QuantScheme = field(default_factory=lambda: PRESETS["int4-eo8"])
     search_clip: bool = False  # per-group clipping search minimizing the weight error
+    VERSION: ClassVar[int] = 1
 
     def to_dict(self) -> dict:
-        return {"method": "rtn", "scheme": self.scheme.to_dict(), "search_clip": self.search_clip}
+        return config_dict(self, "rtn")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RTNConfig":
-        return cls(QuantScheme.from_dict(d["scheme"]), bool(d.get("search_clip", False)))
+        return config_from_dict(cls, d, "rtn")
+
+    def apply(self, model: Transformer, ctx) -> Transformer:
+        return apply(model, self, ctx.progress)
 
 
 @torch.no_grad()

@@ -14,9 +14,11 @@ of R1 and R2 are averaged before every step, so all processes hold the same rota
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +33,8 @@ from pocketquant.hadamard import hadamard_transform
 from pocketquant.model import Transformer
 from pocketquant.numerics import fake_quant_per_token, fake_quant_weight
 from pocketquant.quant import rotation
+from pocketquant.quant.context import config_dict, config_from_dict, distillation_kl
 from pocketquant.quant.distributed import world_and_rank
-from pocketquant.quant.train import distillation_kl
 from pocketquant.scheme import PRESETS, QuantScheme
 
 
@@ -48,6 +50,9 @@ class SpinQuantConfig:
     learn: bool = True  # False: random Hadamard rotations only (QuaRot-style)
     fake_quant_weights: bool = False  # int4 weights in the loop too (Meta, and the default: 16-bit weights)
     loss: str = "ce"  # "ce": next-token cross-entropy (Meta); "kl": distill the float model's outputs
+    rotations: str | None = None  # a rotations file saved by an earlier run: merged instead of searching
+    text: str | None = None  # the calibration text of the search (a file; None: the shipped one)
+    VERSION: ClassVar[int] = 1
 
     def __post_init__(self):
         for name in ("iterations", "samples", "batch"):
@@ -62,11 +67,45 @@ class SpinQuantConfig:
         if not 0 <= self.seed < 2 ** 63:
             raise PocketQuantError(f"the SpinQuant seed must be in [0, 2**63), got {self.seed}")
 
+    @property
+    def searches(self) -> bool:
+        return self.learn and not self.rotations
+
     def to_dict(self) -> dict:
-        return {"method": "spinquant", "scheme": self.scheme.to_dict(), "iterations": self.iterations,
-                "samples": self.samples, "seq_len": self.seq_len, "batch": self.batch, "lr": self.lr,
-                "seed": self.seed, "learn": self.learn, "fake_quant_weights": self.fake_quant_weights,
-                "loss": self.loss}
+        return config_dict(self, "spinquant")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpinQuantConfig":
+        return config_from_dict(cls, d, "spinquant")
+
+    def check(self, model: Transformer, ctx):
+        """Refuse, before any work, what would fail later: a context too short, too little text."""
+        from pocketquant.checkpoints import check_length
+
+        rotation.check_rotatable(model, self.scheme.kv_cache_bits == 8)
+        if self.searches:
+            check_length(model.config, self.seq_len, "--spin-len")
+            ctx.blocks(self.text, self.samples, self.seq_len)
+
+    def apply(self, model: Transformer, ctx) -> Transformer:
+        """Search (or load) the rotations and merge them; a search saves them to OUT.rotations.safetensors and
+        the recipe then records that file, so a replay merges the same rotations."""
+        from pocketquant.data import token_blocks
+
+        tokens = heldout = None
+        if self.searches:
+            tokens = ctx.blocks(self.text, self.samples, self.seq_len)
+            calibration = ctx.tokens(self.text) if not (self.text or "").endswith(".jsonl") else []
+            if len(calibration) >= (self.samples + 2) * self.seq_len:  # the text's last two blocks
+                heldout = token_blocks(calibration[-2 * self.seq_len:], 2, self.seq_len)
+        saved = ctx.out.with_name(ctx.out.stem + ".rotations.safetensors") if self.searches and ctx.out else None
+        model, losses, held = prepare(model, self, tokens, ctx.progress if not ctx.rank else None,
+                                      rotations=self.rotations, save_to=None if ctx.rank else saved, heldout=heldout)
+        ctx.report.update(rotation_losses=losses, rotation_heldout=held,
+                          rotations=Path(self.rotations) if self.rotations else saved)
+        if saved:  # what the packed file's recipe says: merge these rotations
+            ctx.record = dataclasses.replace(self, rotations=saved.name)
+        return model
 
 
 def cayley_step(R: torch.Tensor, G: torch.Tensor, lr: float) -> torch.Tensor:

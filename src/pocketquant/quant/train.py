@@ -5,10 +5,10 @@ numerics of the scheme in the forward, straight-through gradients); "lora" freez
 trains low-rank adapters beside the block linears. Either may run alone. The loss mixes the KL
 divergence from the float model's next-token distribution (`distill`; the teacher is the original float
 model) with the next-token cross-entropy on the target tokens. AdamW, linear warmup then cosine decay
-per phase, gradient accumulation, gradient clipping at 1, optional gradient checkpointing. By default
-`train_model` first rotates the float model as SpinQuant does (random Hadamard R1/R2, online R4), which
-starts the training from a much easier model to quantize, and starts the weights from GPTQ's
-(quantized, then dequantized) rather than the float ones; each phase reads sequences the earlier one did not.
+per phase, gradient accumulation, gradient clipping at 1, optional gradient checkpointing. Each phase reads
+sequences the earlier one did not. In a recipe (quant/recipe.py) the step starts from whatever the steps
+before it made: `pocketquant train` first rotates the float model as SpinQuant does (random Hadamard R1/R2,
+online R4) and runs GPTQ, so training starts from its dequantized weights.
 
 Every `checkpoint_every` steps the whole state (weights, adapters, optimizer, loss curve) is committed to
 STATE_DIR (a `files.StateDir`), from which the same run resumes. The examples of a step are fixed by the step number,
@@ -22,6 +22,7 @@ import math
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,8 @@ from pocketquant.errors import PocketQuantError
 from pocketquant.files import StateDir, tensors_digest
 from pocketquant.model import Transformer
 from pocketquant.quant import qat
-from pocketquant.quant.distributed import join_torchrun, world_and_rank
+from pocketquant.quant.context import config_dict, config_from_dict, distillation_kl
+from pocketquant.quant.distributed import world_and_rank
 from pocketquant.quant.lora import add_lora, lora_parameters
 from pocketquant.scheme import PRESETS, QuantScheme
 
@@ -53,22 +55,21 @@ class TrainConfig:
     rank: int = 16
     lora_scale: float = 2.0
     targets: tuple[str, ...] = ("*",)  # block linears that get adapters
+    merge_lora: bool = False  # fold the adapters into the weights before they are quantized
     grad_checkpointing: bool = False
     checkpoint_every: int = 25
     seed: int = 0
-    rotations: str | None = "hadamard"  # rotate first: random Hadamard R1/R2/R4, a rotations file, or None
-    init: str = "gptq"  # weights start as GPTQ's quantized ones ("gptq") or as the float model's ("float")
-    gptq_samples: int = 128  # training sequences GPTQ calibrates on
+    data: str | None = None  # plain text or chat .jsonl (data.training_examples); None: the shipped text
+    VERSION: ClassVar[int] = 1
 
     def __post_init__(self):
         if not (self.qat or self.lora):
             raise PocketQuantError("nothing to train: choose QAT, LoRA or both")
-        if self.init not in ("gptq", "float"):
-            raise PocketQuantError(f"init is gptq or float, got {self.init!r}")
+        if self.merge_lora and not self.lora:
+            raise PocketQuantError("merging LoRA adapters needs LoRA training")
         if not 0.0 <= self.distill <= 1.0:
             raise PocketQuantError(f"distill is a weight in [0, 1], got {self.distill}")
-        for name in ("steps", "lora_steps", "seq_len", "batch", "grad_accum", "checkpoint_every", "gptq_samples",
-                     "rank"):
+        for name in ("steps", "lora_steps", "seq_len", "batch", "grad_accum", "checkpoint_every", "rank"):
             if getattr(self, name) < 1:
                 raise PocketQuantError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("lr", "lora_lr", "lora_scale", "weight_decay"):
@@ -77,15 +78,49 @@ class TrainConfig:
         if self.warmup < 0 or not 0 <= self.seed < 2 ** 63:
             raise PocketQuantError(f"warmup must be >= 0 and seed in [0, 2**63), got {self.warmup} and {self.seed}")
 
+    @property
+    def method(self) -> str:
+        return "qat+lora" if self.qat and self.lora else "qat" if self.qat else "lora"
+
     def phases(self) -> list[tuple[str, int, float]]:
         """(name, steps, peak learning rate) of each phase, in order."""
         return [p for p, on in ((("qat", self.steps, self.lr), self.qat),
                                 (("lora", self.lora_steps, self.lora_lr), self.lora)) if on]
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "scheme"}
-        return {"method": "qat+lora" if self.qat and self.lora else "qat" if self.qat else "lora",
-                "scheme": self.scheme.to_dict(), **d, "targets": list(self.targets)}
+        return config_dict(self, self.method)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return config_from_dict(cls, d, str(d.get("method")) if isinstance(d, dict) else "qat")
+
+    def check(self, model: Transformer, ctx):
+        from pocketquant.checkpoints import check_length
+
+        check_length(model.config, self.seq_len, "--seq-len")
+        ctx.examples(self.data, self.seq_len)
+
+    def apply(self, model: Transformer, ctx) -> Transformer:
+        """Train the model (a quantized one starts from its dequantized weights) with its state checkpointed
+        in OUT.train-state/, then quantize it (adapters kept beside their linears, or merged first)."""
+        from pocketquant.quant.lora import merge_lora
+
+        ids, mask = ctx.examples(self.data, self.seq_len)
+        state_dir = ctx.beside_out(".train-state", every_rank=True)
+        qat.dequantize(model)
+        try:
+            model, losses = train(model, ctx.teacher, self, ids, mask, state_dir, ctx.progress)
+        except PocketQuantError:
+            if state_dir and not ctx.rank:  # a refused run leaves nothing behind
+                StateDir(state_dir, "training", {}).remove(only_if_uncommitted=True)
+            raise
+        if self.merge_lora:
+            merge_lora(model)
+        qat.convert(model, self.scheme)
+        world = world_and_rank()[0]
+        ctx.report.update(losses=losses, examples=len(ids),
+                          tokens=len(losses) * self.batch * self.grad_accum * world * self.seq_len)
+        return model
 
 
 def learning_rate(peak: float, step: int, steps: int, warmup: int) -> float:
@@ -93,13 +128,6 @@ def learning_rate(peak: float, step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student), from logits [..., V] (the teacher's carry no gradient)."""
-    student = F.log_softmax(student_logits.float(), -1).reshape(-1, student_logits.shape[-1])
-    teacher = F.log_softmax(teacher_logits.detach().float(), -1).reshape(-1, teacher_logits.shape[-1])
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def loss_of(model, teacher, ids: torch.Tensor, mask: torch.Tensor, distill: float) -> torch.Tensor:
@@ -187,104 +215,6 @@ def train(model: Transformer, teacher: Transformer | None, config: TrainConfig, 
         p.requires_grad_(False)
     model.gradient_checkpointing = False
     return model, losses
-
-
-@dataclass
-class TrainResult:
-    path: Path
-    file_bytes: int
-    losses: list[float]  # per optimizer step, phase after phase
-    examples: int  # training sequences available
-    tokens: int  # tokens the optimizer steps read (all processes)
-
-
-def train_model(source: str | Path, out: str | Path, config: TrainConfig = TrainConfig(),
-                data: str | Path | None = None, merge_lora: bool = False, progress=True) -> TrainResult | None:
-    """Load the float model `source`, bring it to its starting point (`starting_point`: rotated, GPTQ
-    weights), train as `config` says on `data` (plain text or chat .jsonl; default: the shipped
-    calibration text), and write the packed file `out` (adapters kept beside their linears,
-    or with `merge_lora` folded into the weights before quantizing). The state is checkpointed in
-    OUT.train-state/ (removed once the file is written); a rerun of the same command resumes from it.
-    Under torchrun the first process writes the file and the others return None."""
-    from pocketquant.checkpoints import check_length, load_float_model, load_model
-    from pocketquant.data import training_examples
-    from pocketquant.files import check_output
-    from pocketquant.layers import check_plan
-    from pocketquant.packed import save_packed
-    from pocketquant.progress import bar
-    from pocketquant.quant.gptq import gptq_state
-    from pocketquant.quant.lora import merge_lora as merge
-
-    rotations = config.rotations if config.rotations != "hadamard" else None
-    out = check_output(out, [source, data, rotations], suffix=".safetensors")
-    if merge_lora and not config.lora:
-        raise PocketQuantError("merging LoRA adapters needs LoRA training")
-    loaded = load_float_model(source, torch.float32)
-    check_plan(loaded.model, config.scheme)  # refuse before any work
-    check_length(loaded.model.config, config.seq_len, "--seq-len")
-    if loaded.tokenizer is None:
-        raise PocketQuantError(f"{source} has no tokenizer: training needs text")
-    ids, mask = training_examples(loaded.tokenizer, data, config.seq_len)
-    rank = join_torchrun(loaded.model.device)
-    teacher = load_model(source, torch.float32).model if config.distill > 0 else None
-    state_dir, source_id = out.with_name(out.name + ".train-state"), tensors_digest(loaded.model.state_dict())
-    saved = _state_dir(state_dir, config, _data_id(ids, mask), source_id)
-    resume = (saved.open() if rank == 0 else saved.read()) is not None
-    try:
-        starting_point(loaded.model, config, ids, state_dir, bar if progress and not rank else None, resume)
-        model, losses = train(loaded.model, teacher, config, ids, mask, state_dir, bar if progress else None,
-                              source_id)
-    except PocketQuantError:
-        if rank == 0:
-            saved.remove(only_if_uncommitted=True)  # a refused run leaves nothing behind
-        raise
-    if rank:
-        return None
-    if merge_lora:
-        merge(model)
-    qat.convert(model, config.scheme)
-    recipe = [{**config.to_dict(), "data": str(data) if data else "shipped calibration text",
-               "lora_merged": merge_lora}]
-    save_packed(out, model, config.scheme, recipe, loaded.tokenizer)
-    gptq_state(state_dir / "gptq").remove()  # the starting point's, kept until the file is written
-    saved.remove()
-    world = world_and_rank()[0]
-    tokens = len(losses) * config.batch * config.grad_accum * world * config.seq_len
-    return TrainResult(out, out.stat().st_size, losses, len(ids), tokens)
-
-
-def starting_point(model: Transformer, config: TrainConfig, ids: torch.Tensor, state_dir: Path, progress=None,
-                   resume: bool = False) -> Transformer:
-    """The float model `train` starts from: rotated (`config.rotations`), then with `init="gptq"` quantized
-    by GPTQ on the first training sequences (checkpointed in STATE_DIR/gptq) and dequantized. GPTQ is
-    skipped when `resume`s a training state, whose weights replace these anyway."""
-    if config.rotations:
-        rotate(model, config)
-    if config.init == "gptq" and not resume:
-        from pocketquant.quant import gptq
-
-        rank = world_and_rank()[1]
-        gptq_config = gptq.GPTQConfig(config.scheme, config.gptq_samples, config.seq_len)
-        gptq.apply(model, gptq_config, ids[:config.gptq_samples], progress=progress,
-                   state_dir=None if rank else state_dir / "gptq")  # every process computes the same
-        qat.dequantize(model)
-    return model
-
-
-def rotate(model: Transformer, config: TrainConfig) -> Transformer:
-    """SpinQuant's offline transforms before training: fold the norms, merge R1/R2 (random Hadamard, or
-    those of a rotations file) and R4 (with its online Hadamard, and R3 for an int8 KV cache). The float
-    function is unchanged, so the unrotated float model stays the teacher."""
-    from pocketquant.quant import spinquant
-
-    hadamard = config.rotations == "hadamard"
-    spin = spinquant.SpinQuantConfig(config.scheme, learn=False, seed=config.seed)
-    if not hadamard:  # a rotations file: its own errors say what is wrong with it
-        return spinquant.prepare(model, spin, None, rotations=config.rotations)[0]
-    try:
-        return spinquant.prepare(model, spin, None)[0]
-    except PocketQuantError as e:  # a width without a Hadamard construction
-        raise PocketQuantError(f"{e} (train without rotations: --rotations none)") from e
 
 
 def _data_id(ids: torch.Tensor, mask: torch.Tensor) -> str:
