@@ -58,7 +58,7 @@ def test_kl_against_itself_is_exactly_zero(tiny_text_dir):
 
 def test_packed_models_score_the_same_on_both_runtimes(tiny_text_dir, tmp_path):
     """The fast kernels (eval's default) compute the reference's integers; only float rounding may differ."""
-    from pocketquant.packed import save_packed
+    from pocketquant.checkpoints.packed import save_packed
     from pocketquant.quant import rtn
     from pocketquant.runtime import kernels
     from pocketquant.scheme import PRESETS

@@ -14,7 +14,7 @@ from conftest import hf_model
 from pocketquant.checkpoints import load_model
 from pocketquant.errors import PocketQuantError
 from pocketquant.layers import QuantLinear, check_plan
-from pocketquant.packed import load_packed, read_header, save_packed
+from pocketquant.checkpoints.packed import load_packed, read_header, save_packed
 from pocketquant.quant import qat, rtn
 from pocketquant.scheme import PRESETS, LinearSpec, QuantScheme, WeightSpec
 
@@ -154,7 +154,7 @@ WRITER = """
 import sys, torch
 from pocketquant.checkpoints.common import random_model
 from pocketquant.config import ModelConfig
-from pocketquant.packed import save_packed
+from pocketquant.checkpoints.packed import save_packed
 from pocketquant.quant import rtn
 from pocketquant.scheme import PRESETS
 cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=100000)
@@ -189,7 +189,7 @@ def test_llama_3_2_1b_int4_eo8_file_is_at_most_44_percent_of_bf16(tmp_path):
 
     from pocketquant.checkpoints.common import random_model
     from pocketquant.config import SHAPES
-    from pocketquant.packed import packed_tensors
+    from pocketquant.checkpoints.packed import packed_tensors
 
     model = random_model(SHAPES["llama-3.2-1b"], torch.bfloat16)
     save_file(packed_tensors(model), str(tmp_path / "bf16.safetensors"))  # tied: one embedding table

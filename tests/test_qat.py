@@ -11,7 +11,7 @@ from conftest import killed_at_write
 from pocketquant.checkpoints import load_model
 from pocketquant.errors import PocketQuantError
 from pocketquant.layers import FakeQuantLinear, QuantLinear
-from pocketquant.packed import read_header, save_packed
+from pocketquant.checkpoints.packed import read_header, save_packed
 from pocketquant.quant import qat
 from pocketquant.quant.lora import add_lora, lora_parameters, merge_lora
 from pocketquant.quant.train import TrainConfig, learning_rate, train

@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from pocketquant.errors import PocketQuantError
-from pocketquant.packed import read_header
+from pocketquant.checkpoints.packed import read_header
 from pocketquant.quant import recipe
 from pocketquant.quant.gptq import GPTQConfig
 from pocketquant.quant.rtn import RTNConfig

@@ -10,7 +10,7 @@ import torch
 from conftest import hf_model, save_byte_tokenizer
 from pocketquant.checkpoints import load_model
 from pocketquant.export.gguf import export_gguf
-from pocketquant.packed import save_packed
+from pocketquant.checkpoints.packed import save_packed
 from pocketquant.quant import rtn
 from pocketquant.runtime import kernels, load
 from pocketquant.runtime.engine import FastLinear

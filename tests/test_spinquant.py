@@ -6,7 +6,7 @@ import torch
 from pocketquant.checkpoints import load_model
 from pocketquant.errors import PocketQuantError
 from pocketquant.hadamard import hadamard_matrix, hadamard_transform, has_hadamard
-from pocketquant.packed import read_header, save_packed
+from pocketquant.checkpoints.packed import read_header, save_packed
 from pocketquant.quant import rotation, rtn, spinquant
 from pocketquant.runtime import load
 

@@ -41,24 +41,17 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
 
 def _torch_runner(cfg: Config, s: Settings):
     from pocketquant.runtime import load
-    from pocketquant.runtime.generate import stream_tokens
+    from pocketquant.runtime.engine import kernel_paths
+    from pocketquant.runtime.generate import stream_generate
 
     model = load(cfg.source, cfg.dtype, "reference" if cfg.kind == "reference" else "fast").model
     prompt = prompt_ids(model.config.vocab_size, s.prompt_tokens)
 
-    @torch.inference_mode()
     def once():
         caches = model.new_caches(1, s.prompt_tokens + s.decode_tokens + 1)
-        t0 = time.perf_counter()
-        logits = model(torch.tensor([prompt]), caches, 0, last_only=True)[:, -1]
-        token = int(logits.argmax(-1))
-        t1 = time.perf_counter()
-        tokens = stream_tokens(model, [token], s.decode_tokens, caches=caches, start_pos=s.prompt_tokens)
-        t2 = time.perf_counter()
-        n = sum(1 for _ in tokens)
-        t3 = time.perf_counter()
-        return t1 - t0, n / (t3 - t2)
-    from pocketquant.runtime.engine import kernel_paths
+        for last in stream_generate(model, None, prompt, s.decode_tokens + 1, stop=False, caches=caches):
+            pass  # the first token ends the prefill; decode_tokens one-token steps follow
+        return last.time_to_first_token, last.generation_tps
 
     return once, _weight_bytes(cfg, model), {} if cfg.kind == "torch" else kernel_paths(model)
 
@@ -99,7 +92,7 @@ def _weight_bytes(cfg: Config, model) -> int:
     that dtype would hold them (tied tables once)."""
     if cfg.kind in ("pocketquant", "reference"):
         return Path(cfg.source).stat().st_size
-    from pocketquant.packed import packed_tensors
+    from pocketquant.checkpoints.packed import packed_tensors
 
     return sum(t.numel() * t.element_size() for t in packed_tensors(model).values())
 
@@ -186,7 +179,7 @@ def bench(packed: str, float_source: str | None, llama_cpp: bool = False, refere
     """Benchmark the packed model against its float source and peers; ratios are against the first.
     `also`: more packed files (e.g. the same weights with an int8 KV cache), each its own column."""
     from pocketquant.checkpoints import check_length
-    from pocketquant.packed import read_header
+    from pocketquant.checkpoints.packed import read_header
     from pocketquant.runtime import kernels
 
     for path in (packed, *also):

@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pocketquant.packed import read_header
+from pocketquant.checkpoints.packed import read_header
+from pocketquant.layers import family_of
 
 FAMILIES = ("embedding", "attention", "mlp", "output", "norms")
 BYTES = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8}
@@ -20,16 +21,6 @@ class FamilySize:
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.bytes / self.weights if self.weights else 0.0
-
-
-def family_of(name: str) -> str:
-    if name.startswith("embed_tokens."):
-        return "embedding"
-    if name.startswith("lm_head."):
-        return "output"
-    if name.endswith("norm.weight"):
-        return "norms"
-    return "attention" if ".self_attn." in name else "mlp"
 
 
 def tensor_table(path: Path) -> list[tuple[str, str, list[int]]]:

@@ -235,3 +235,14 @@ def share_embedding_output(model: nn.Module):
 def set_module(model: nn.Module, name: str, module: nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def family_of(name: str) -> str:
+    """The module family a state name belongs to (embedding, attention, mlp, norms, output)."""
+    if name.startswith("embed_tokens."):
+        return "embedding"
+    if name.startswith("lm_head."):
+        return "output"
+    if name.endswith("norm.weight"):
+        return "norms"
+    return "attention" if ".self_attn." in name else "mlp"

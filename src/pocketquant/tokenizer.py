@@ -325,11 +325,13 @@ def from_llama3_model(path: Path) -> Tokenizer:
 
 
 def from_gguf(reader, path: Path) -> Tokenizer:
-    """The BPE ("gpt2") tokenizer stored in a GGUF file's metadata."""
+    """The BPE ("gpt2") tokenizer stored in the metadata of a GGUF file (`reader`: a gguf.GGUFReader)."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTok
 
-    from pocketquant.checkpoints.gguf import field
+    def field(reader, key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
 
     kind = field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":

@@ -71,7 +71,7 @@ def load_model(source: str | Path, dtype: str | torch.dtype = torch.float32) -> 
 
 def load_float_model(source: str | Path, dtype: str | torch.dtype = torch.float32) -> LoadedModel:
     """`load_model` for the algorithms that start from float weights: a packed file is refused."""
-    from pocketquant.packed import is_packed
+    from pocketquant.checkpoints.packed import is_packed
 
     if is_packed(Path(str(source)), if_unreadable=False):
         raise PocketQuantError(f"{source} is already quantized (a pocketquant packed file); start from its float "
@@ -87,7 +87,7 @@ def check_length(config, tokens: int, what: str):
 
 
 def _load_path(path: Path, dtype):
-    from pocketquant import packed
+    from pocketquant.checkpoints import packed
     from pocketquant import tokenizer as tk
     from pocketquant.checkpoints import gguf, hf, meta
 

@@ -79,7 +79,7 @@ def _getter(handle, key: str, f: Path):
 
 
 def load_hf(path: Path, dtype):
-    from pocketquant.packed import is_packed
+    from pocketquant.checkpoints.packed import is_packed
 
     config = read_config(path)
     files = weight_files(path)

@@ -1,5 +1,5 @@
-"""`pocketquant <verb>`: each verb is a small module with `register(subparsers)`; its library
-imports happen only when it runs."""
+"""`pocketquant <verb>`: each verb is a small module with `register(parser)` and `run(args)`; only the verb
+being run is imported, and its library imports happen only when it runs."""
 
 from __future__ import annotations
 
@@ -21,18 +21,22 @@ VERBS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every verb, or with `only`, of that verb alone (the others are listed, not imported)."""
     parser = argparse.ArgumentParser(prog="pocketquant", description="Quantize, evaluate and run small "
                                      "Llama-family models on a CPU.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, help_text in VERBS.items():
-        module = importlib.import_module(f"pocketquant.cli.{verb}")
-        module.register(sub.add_parser(verb, help=help_text, description=help_text))
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        if only in (None, verb):
+            importlib.import_module(f"pocketquant.cli.{verb}").register(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(verb if verb in VERBS else None).parse_args(argv)
     try:
         return args.run(args) or 0
     except PocketQuantError as e:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 def register(p):
+    from pocketquant.cli.common import DTYPES
+
     p.add_argument("models", nargs="+", metavar="MODEL", help="the reference first, then the models to compare")
     p.add_argument("--data", default=None,
                    help="text to score: a .txt file, JSONL with a 'text' field, or a wikitext-2-raw directory "
@@ -16,7 +18,7 @@ def register(p):
     p.add_argument("--limit", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--fake-quant", default=None, metavar="SCHEME",
                    help="also score the reference fake-quantized with SCHEME (e.g. int4-eo8)")
-    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="float32 (default) or bfloat16")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--runtime", default="fast", choices=["fast", "reference"],
                    help="for packed files: the native kernels (default) or the reference definition")

@@ -92,7 +92,7 @@ def to_json(steps) -> str:
 def read(path: str | Path) -> tuple:
     """The steps of a recipe file (.json: what `to_json` writes, or a bare list of steps) or of the packed
     file a recipe made (its stored recipe; a rotations file it names is looked up beside it)."""
-    from pocketquant.packed import is_packed, read_header
+    from pocketquant.checkpoints.packed import is_packed, read_header
 
     path = Path(path)
     if not path.is_file():
@@ -172,6 +172,7 @@ class QuantizeResult:
     shared: bool  # embedding and output share one int8 table
     can_share: bool  # the model is tied and both are int8 per channel
     recipe: tuple = ()  # the steps as the packed file records them
+    tokenizer: object = None
     report: dict = field(default_factory=dict)  # what the steps measured (rotation_losses, losses, ...)
 
 
@@ -182,7 +183,7 @@ def quantize(source, steps, out: str | Path | None = None, progress: bool = True
     rerun of a killed command resumes there). Under torchrun every process shares the work; the first one
     writes the files, the others return None."""
     from pocketquant.files import check_output
-    from pocketquant.packed import save_packed
+    from pocketquant.checkpoints.packed import save_packed
     from pocketquant.progress import bar
     from pocketquant.quant.distributed import join_torchrun
 
@@ -215,7 +216,7 @@ def quantize(source, steps, out: str | Path | None = None, progress: bool = True
     can_share = (model.config.tie_embeddings and scheme.embedding is not None and scheme.output is not None
                  and scheme.output.weight == scheme.embedding)
     return QuantizeResult(Path(out) if out else None, model, Path(out).stat().st_size if out else 0, table,
-                          scheme.share_embedding_output, can_share, recipe, ctx.report)
+                          scheme.share_embedding_output, can_share, recipe, tokenizer, ctx.report)
 
 
 def _remove_states(out: Path):

@@ -206,8 +206,7 @@ def use_fast_kernels(model: nn.Module) -> nn.Module:
 def kernel_paths(model: nn.Module) -> dict[str, str]:
     """{module family: what runs it} for a model on the fast runtime, or for a packed model's reference
     modules (what the fast runtime would run). A family with any module on a slow fallback says SLOW."""
-    from pocketquant.inspect import family_of
-    from pocketquant.layers import QuantEmbedding
+    from pocketquant.layers import QuantEmbedding, family_of
 
     path = kernels.path() if kernels.available() else None
     found: dict[str, set[str]] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,10 +69,10 @@ def stream_tokens(model: Transformer, prompt: list[int], max_new_tokens: int,
     caches = caches or model.new_caches(1, total)
     logits = model(torch.tensor([prompt], device=device), caches, start_pos, last_only=True)[:, -1]
     pos = start_pos + len(prompt)
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         token = sample(logits, sampling, gen)
         yield int(token)
-        if int(token) in stop_ids:
+        if int(token) in stop_ids or i + 1 == max_new_tokens:
             return
         logits = model(token[:, None], caches, pos, last_only=True)[:, -1]
         pos += 1
@@ -101,3 +102,34 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max
             return
         if piece := text.push(token):
             yield piece
+
+
+@dataclass(frozen=True)
+class Response:
+    """One token of `stream_generate`: its text piece and the counts and speeds so far. The last one has a
+    `finish_reason`: "stop" (a stop token, whose text is not shown) or "length" (max_tokens reached)."""
+
+    text: str
+    token: int
+    prompt_tokens: int
+    generation_tokens: int
+    time_to_first_token: float  # seconds from the call to the first token (the prompt's prefill)
+    prompt_tps: float  # prompt tokens per second of that time
+    generation_tps: float  # tokens per second after the first (one-token decode steps)
+    finish_reason: str | None = None
+
+
+def stream_generate(model: Transformer, tokenizer: Tokenizer | None, prompt: list[int], max_tokens: int,
+                    sampling: Sampling = Sampling(), stop: bool = True, caches=None) -> Iterator[Response]:
+    """`stream_tokens` with text and timings: one Response per generated token. stop=False runs to
+    max_tokens past stop tokens (benchmarks); without a tokenizer the text is empty."""
+    stop_ids = tokenizer.stop_ids if stop and tokenizer is not None else frozenset()
+    text = TextStream(tokenizer) if tokenizer is not None else None
+    t0, first, n = time.perf_counter(), None, 0
+    for token in stream_tokens(model, prompt, max_tokens, sampling, stop_ids, caches):
+        now, n = time.perf_counter(), n + 1
+        first = first or now
+        finish = "stop" if token in stop_ids else "length" if n == max_tokens else None
+        piece = "" if text is None or finish == "stop" else text.push(token)
+        yield Response(piece, token, len(prompt), n, first - t0, len(prompt) / (first - t0),
+                       (n - 1) / (now - first) if n > 1 else 0.0, finish)
