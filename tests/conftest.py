@@ -12,6 +12,19 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (the whole suite, as CI does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run the whole suite with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def hf_config(**overrides):
     """A tiny Llama 3 config with GQA and llama3 RoPE scaling (every scaling band is exercised)."""
     from transformers import LlamaConfig

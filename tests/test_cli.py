@@ -63,6 +63,7 @@ def test_train_verb_defaults_are_train_configs():
     assert {k: getattr(config, k) for k in vars(d)} == vars(d)
 
 
+@pytest.mark.slow
 def test_readme_python_api_runs_as_written(tmp_path):
     """The README's Python example, run as written (SmolLM2-135M, RTN)."""
     text = README.read_text()

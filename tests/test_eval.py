@@ -136,6 +136,7 @@ def test_models_with_different_vocabularies_are_refused(tiny_text_dir, tmp_path)
         evaluate([str(path), str(tmp_path / "other")], tasks=[], limit=50, progress=False)
 
 
+@pytest.mark.slow
 def test_cli_eval_data_formats_json_and_report(tiny_text_dir, tmp_path):
     path, _ = tiny_text_dir
     (tmp_path / "a.txt").write_text(TEXT)

@@ -33,6 +33,7 @@ def adapter(tiny_text_dir, monkeypatch):
     return path, PocketQuantLM(model=str(path), max_length=128)
 
 
+@pytest.mark.slow
 def test_harness_multiple_choice_equals_our_scorer(adapter, tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager

@@ -184,6 +184,7 @@ def test_killing_the_writer_leaves_a_whole_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["q.safetensors"]
 
 
+@pytest.mark.slow
 def test_llama_3_2_1b_int4_eo8_file_is_at_most_44_percent_of_bf16(tmp_path):
     from safetensors.torch import save_file
 

@@ -66,6 +66,7 @@ def test_cli_generate_by_name_answers_paris():
     assert out.strip() == "The capital of France is Paris."
 
 
+@pytest.mark.slow
 def test_cli_chat_answers_each_turn():
     out = run_cli("chat", "smollm2-135m", "--max-new-tokens", "40",
                   stdin="What is the capital of France?\nWhat did I just ask you about?\n")
@@ -93,6 +94,7 @@ def test_text_stream_never_splits_a_character(smollm2):
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
+@pytest.mark.slow
 def test_cli_sampling_is_reproducible_with_a_seed():
     args = ("generate", "smollm2-135m", "--prompt", "Once upon a time", "--max-new-tokens", "12",
             "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95", "--seed", "7")
@@ -120,6 +122,7 @@ def test_fetch_refuses_a_wrong_checksum(tmp_path, monkeypatch):
     assert not any(p.is_file() for p in tmp_path.rglob("*"))  # nothing half-written left behind
 
 
+@pytest.mark.slow
 def test_rtn_int4_eo8_still_answers_and_perplexity_side_by_side(smollm2, smollm2_gguf, tmp_path):
     from pocketquant.data import shipped_text
     from pocketquant.eval.perplexity import perplexity
@@ -152,6 +155,7 @@ def test_token_perplexity_equals_transformers(smollm2, hf_reference):
     assert ours == pytest.approx(torch.tensor(nll / 2048).exp().item(), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_basic_mc_accuracy_is_above_chance(smollm2):
     from pocketquant.eval.run import task_files
     from pocketquant.eval.tasks import load_mc, score_mc
@@ -160,6 +164,7 @@ def test_basic_mc_accuracy_is_above_chance(smollm2):
     assert result["acc"] >= 0.45  # 48 four-way questions: chance is 25%; measured 56%
 
 
+@pytest.mark.slow
 def test_cli_generate_on_a_packed_file_with_the_fast_runtime(smollm2_gguf, tmp_path):
     from pocketquant.quant.recipe import from_options, quantize
 

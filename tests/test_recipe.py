@@ -66,7 +66,8 @@ def test_recipe_files_round_trip_and_bad_ones_are_refused(tmp_path):
         recipe.read(path)
 
 
-@pytest.mark.parametrize("method", [["rtn"], ["gptq", *SMALL_GPTQ], ["hadamard", *SMALL_GPTQ]])
+@pytest.mark.parametrize("method", [["rtn"], pytest.param(["gptq", *SMALL_GPTQ], marks=pytest.mark.slow),
+                                    pytest.param(["hadamard", *SMALL_GPTQ], marks=pytest.mark.slow)])
 def test_a_packed_files_recipe_replays_to_the_same_bytes(tiny_text_dir, tmp_path, method):
     first, again, fromjson = (tmp_path / f"{n}.safetensors" for n in ("first", "again", "json"))
     proc = cli("quantize", tiny_text_dir[0], "-o", first, "--method", *method)
@@ -81,6 +82,7 @@ def test_a_packed_files_recipe_replays_to_the_same_bytes(tiny_text_dir, tmp_path
     assert fromjson.read_bytes() == first.read_bytes()
 
 
+@pytest.mark.slow
 def test_a_learned_rotation_replays_from_the_file_it_saved(tiny_text_dir, tmp_path):
     first, again = tmp_path / "first.safetensors", tmp_path / "again.safetensors"
     proc = cli("quantize", tiny_text_dir[0], "-o", first, "--method", "spinquant", "--then", "rtn",

@@ -131,6 +131,7 @@ def test_llama_cpp_reads_our_export_like_we_do(packed, tmp_path):
     assert torch.corrcoef(torch.stack([ours, theirs]))[0, 1] > 0.99
 
 
+@pytest.mark.slow
 def test_bench_reports_every_figure(packed, tiny_text_dir, tmp_path):
     path, _ = tiny_text_dir
     kv8 = _packed(tiny_text_dir, tmp_path / "kv8.safetensors", kv_cache_bits=8)

@@ -97,6 +97,7 @@ def test_spinquant_recipe_saves_reusable_rotations_and_runs_packed(tiny_text_dir
             torch.testing.assert_close(model(TOKENS), ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
 
 
+@pytest.mark.slow
 def test_cli_spinquant_then_gptq_and_reuse_of_its_rotations(tiny_text_dir, tmp_path):
     import subprocess
     import sys
