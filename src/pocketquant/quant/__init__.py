@@ -1,1 +1,2 @@
-"""Quantization algorithms: each is `apply(model, config) -> model` and ends in the same QuantLinear."""
+"""Quantization algorithms as recipe steps: each config has `apply(model, ctx) -> model`, and every
+recipe ends in the same QuantLinear modules (quant/recipe.py runs them)."""
