@@ -106,13 +106,15 @@ def test_paths_this_cpu_lacks_give_the_same_bits_emulated(tmp_path, monkeypatch)
     out = tmp_path / "emulated.so"
     subprocess.run(["gcc", "-O1", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off",
                     "-fopenmp", "-DPQ_EMULATE",
-                    *(str(src / f"{name}.c") for name in ("kernels", "gemm", "gemm_x86")), "-o", str(out), "-lm"],
+                    *(str(src / f"{name}.c") for name in ("kernels", "gemm", "gemm_x86", "attention")), "-o", str(out),
+                    "-lm"],
                    check=True)
     monkeypatch.setattr(kernels, "_lib", kernels._bind(ctypes.CDLL(str(out))))
     assert kernels.supported() == kernels.paths() == ["avx512", "avxvnni", "avx2", "portable"]
     for bits in (4, 8):
         for K, N in ((32, 17), (576, 33), (2048, 16)):
             _same_bits_on_every_path(kernels.paths(), bits, K, N, [1, 7, 8, 9, 20])
+    test_native_attention_equals_sdpa(4, 2, 19, 3, 64)  # its portable C loops (the build has no x86 path)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -176,3 +178,36 @@ def test_environment_variable_forces_a_path():
     if missing:
         out = run(missing[0])
         assert out.returncode != 0 and "this CPU cannot run that path" in out.stderr
+
+
+@pytest.mark.parametrize("H, KV, T, start, D", [(9, 3, 130, 0, 64), (4, 2, 7, 5, 64), (8, 8, 33, 100, 128),
+                                                (2, 1, 1, 9, 64), (6, 2, 17, 0, 192)])
+def test_native_attention_equals_sdpa(H, KV, T, start, D):
+    """Causal attention of queries at positions start.. over a longer cache, from strided query views."""
+    from torch.nn import functional as F
+
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(1, T, H, D, generator=g).transpose(1, 2)  # [1, H, T, D], as the model makes it
+    k, v = (torch.randn(1, KV, start + T + 3, D, generator=g) for _ in range(2))  # a cache with room to spare
+    S = start + T
+    mask = torch.arange(S)[None, :] <= torch.arange(start, S)[:, None]
+    ref = F.scaled_dot_product_attention(q, k[:, :, :S], v[:, :, :S], attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(kernels.attention(q, k, v, start), ref.transpose(1, 2).reshape(1, T, H * D),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_the_fast_runtime_attends_natively_and_the_reference_through_pytorch(tiny_text_dir):
+    from pocketquant.checkpoints import load_model
+    from pocketquant.quant import rtn
+    from pocketquant.runtime import load
+    from pocketquant.runtime.engine import use_fast_kernels
+
+    assert all(layer.self_attn.native_attention is None
+               for layer in load(tiny_text_dir[0], runtime="reference").model.layers)
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    quantized = rtn.apply(load_model(tiny_text_dir[0]).model, rtn.RTNConfig())
+    with torch.no_grad():
+        ref = quantized(tokens)
+        fast = use_fast_kernels(quantized)
+        assert all(layer.self_attn.native_attention is not None for layer in fast.layers)
+        torch.testing.assert_close(fast(tokens), ref, atol=1e-3, rtol=1e-3)

@@ -44,7 +44,8 @@ def _torch_runner(cfg: Config, s: Settings):
     from pocketquant.runtime.engine import kernel_paths
     from pocketquant.runtime.generate import stream_generate
 
-    model = load(cfg.source, cfg.dtype, "reference" if cfg.kind == "reference" else "fast").model
+    # the float columns are plain PyTorch (the reference runtime: no native kernel anywhere)
+    model = load(cfg.source, cfg.dtype, "fast" if cfg.kind == "pocketquant" else "reference").model
     prompt = prompt_ids(model.config.vocab_size, s.prompt_tokens)
 
     def once():

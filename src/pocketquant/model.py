@@ -96,6 +96,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_bits: int | None = None  # 8: keys and values pass through int8 (the cache's numerics)
         self.hadamard = cfg.hadamard_qk  # R3: rotate queries and keys (after RoPE) by a Hadamard transform
+        # the fast runtime's causal attention (q, k, v, first query position) -> [B, T, H * D], or None where
+        # it does not apply; None: PyTorch's SDPA
+        self.native_attention = None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, start_pos: int):
         B, T, _ = x.shape
@@ -111,6 +114,10 @@ class Attention(nn.Module):
             k, v = cache.update(start_pos, k, v)
         elif self.kv_bits == 8:
             k, v = fake_quant_per_token(k).to(q.dtype), fake_quant_per_token(v).to(q.dtype)
+        if self.native_attention is not None:
+            out = self.native_attention(q, k, v, start_pos if cache is not None else 0)
+            if out is not None:
+                return self.o_proj(out)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -109,6 +109,15 @@ def group_sums(qweight: torch.Tensor, group: int, unpack: bool, rows: int = 256)
     return torch.cat(out)
 
 
+def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor | None:
+    """Causal attention on the native kernel (kernels.attention), a sequence of the batch at a time, where it
+    applies: float32 without gradients, head_dim a multiple of 64. None: the caller runs PyTorch's SDPA."""
+    if (q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32 or q.shape[-1] % 64
+            or torch.is_grad_enabled() and q.requires_grad or min(t.stride(-1) for t in (q, k, v)) != 1):
+        return None
+    return torch.cat([kernels.attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], start) for b in range(q.shape[0])])
+
+
 def runs_fast(q) -> bool:
     """The kernels cover int8 asymmetric per-token activations with int4 weights (groups of 32k, float16
     scales) or int8 per-channel weights."""
@@ -181,10 +190,11 @@ def decodes_natively(model: nn.Module) -> bool:
 
 
 def use_fast_kernels(model: nn.Module) -> nn.Module:
-    """Replace every QuantLinear the kernels cover (the rest keep the reference forward); when every
-    block projection is int4 on the kernels (and none has a LoRA adapter), one-token steps run natively
-    through all layers."""
+    """Replace every QuantLinear the kernels cover (the rest keep the reference forward) and attend with the
+    native causal attention (float models too); when every block projection is int4 on the kernels (and
+    none has a LoRA adapter), one-token steps run natively through all layers."""
     for layer in model.layers:
+        layer.self_attn.native_attention = native_attention
         shared = {"self_attn.q_proj": "in", "self_attn.k_proj": "in", "self_attn.v_proj": "in",
                   "mlp.gate_proj": "post", "mlp.up_proj": "post"}
         caches = {"in": SharedActivations(users=3), "post": SharedActivations(users=2)}

@@ -139,24 +139,6 @@ static void cache_write(const pq_cache *C, const float *k, const float *v, int64
     }
 }
 
-/* e^x for x <= 0 (softmax after subtracting the max), written so that loops over it vectorize:
- * 2^(x log2 e) = 2^n * 2^f with a degree-6 polynomial for 2^f, f in [-0.5, 0.5] (relative error ~2e-7). */
-static inline float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float t = x * 1.44269504f, n = __builtin_roundevenf(t), f = t - n;
-    float p = 1.5403530e-4f;
-    p = p * f + 1.3333558e-3f;
-    p = p * f + 9.6181291e-3f;
-    p = p * f + 5.5504109e-2f;
-    p = p * f + 2.4022650e-1f;
-    p = p * f + 6.9314718e-1f;
-    p = p * f + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return p * scale;
-}
-
 /* Attention of one query head over positions 0..pos of its KV head (j), written in to oh [D]; probs
  * holds pos + 1 floats. An int8 cache is read as scale * (q - zero): scores use sum(qh * k) -
  * zero * sum(qh); values accumulate p * scale * q, minus sum(p * scale * zero) at the end. */

@@ -70,4 +70,29 @@ static inline float fp16_to_fp32(uint16_t h) {
     return f;
 }
 
+/* Loops that auto-vectorize get an AVX2 + FMA clone on x86 (fmaf becomes vfmadd); elsewhere plain C. */
+#if defined(PQ_X86) && !defined(PQ_EMULATE)
+#define PQ_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PQ_CLONES
+#endif
+
+/* e^x for x <= 0 (softmax after subtracting the max), written so that loops over it vectorize:
+ * 2^(x log2 e) = 2^n * 2^f with a degree-6 polynomial for 2^f, f in [-0.5, 0.5] (relative error ~2e-7). */
+static inline float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float t = x * 1.44269504f, n = __builtin_roundevenf(t), f = t - n;
+    float p = 1.5403530e-4f;
+    p = p * f + 1.3333558e-3f;
+    p = p * f + 9.6181291e-3f;
+    p = p * f + 5.5504109e-2f;
+    p = p * f + 2.4022650e-1f;
+    p = p * f + 6.9314718e-1f;
+    p = p * f + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
 #endif

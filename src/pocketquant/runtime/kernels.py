@@ -33,6 +33,7 @@ def _bind(cdll: ctypes.CDLL) -> ctypes.CDLL:
     cdll.pq_path_name.restype = ctypes.c_char_p
     cdll.pq_path_name.argtypes = cdll.pq_path_supported.argtypes = cdll.pq_select.argtypes = [INT]
     cdll.pq_decode_layers.argtypes = [P, P, I64, P, I64, P, P, P, INT]
+    cdll.pq_prefill_attention.argtypes = [P, I64, I64, P, I64, I64, P, I64, I64, P, I64, I64, I64, I64, I64, INT]
     return cdll
 
 
@@ -105,6 +106,19 @@ def quantize_rows(x: torch.Tensor):
     scale, zp = torch.empty(M, dtype=torch.float32), torch.empty(M, dtype=torch.int32)
     lib().pq_quantize_rows(_p(x), M, K, _p(qa), _p(scale), _p(zp), torch.get_num_threads())
     return qa, scale, zp
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention, float32, batch 1: q [1, H, T, D] (queries at positions start..start+T-1), k and v
+    [1, KV, >= start + T, D] (positions from 0), each with its last dimension contiguous; head_dim a multiple
+    of 64. Returns [1, T, H * D], the layout o_proj reads."""
+    _, H, T, D = q.shape
+    KV = k.shape[1]
+    out = torch.empty(1, T, H * D, dtype=torch.float32)
+    if lib().pq_prefill_attention(_p(q), q.stride(2), q.stride(1), _p(k), k.stride(1), k.stride(2), _p(v), v.stride(1),
+                                  v.stride(2), _p(out), T, start, H, KV, D, torch.get_num_threads()):
+        raise MemoryError("cannot allocate the attention's scratch memory")
+    return out
 
 
 def panels(rows: int) -> int:
