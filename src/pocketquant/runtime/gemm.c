@@ -132,30 +132,35 @@ static int64_t chunk_tokens(int64_t K, int tile) {
 }
 
 /* y [M, N] = dequantized(acts [M, K]) @ W.T for int4 panels with float16 group scales. rowcorr[n] =
- * sum_g scale_g * sum(w in g) (padded to whole panels) undoes the +128 offset and the zero point. */
+ * sum_g scale_g * sum(w in g) (padded to whole panels) undoes the +128 offset and the zero point.
+ * pq_linear_w4_share computes thread t's share of the panels (for callers already in a parallel region). */
+void pq_linear_w4_share(const uint8_t *qa, const float *as, const int32_t *azp, int64_t M, int64_t K,
+                        const uint8_t *w, const uint16_t *ws, const float *rowcorr, int64_t group, float *y,
+                        int64_t N, int t, int threads) {
+    const pq_kernels *kt = pq_current();
+    int64_t panels = (N + PANEL - 1) / PANEL, nb = K / 32, groups = K / group, chunk = chunk_tokens(K, kt->tile4);
+    float acc[MAX_TILE][PANEL];
+    int64_t p1, p0 = share(panels, threads, t, &p1);
+    for (int64_t m0 = 0; m0 < M; m0 += chunk)
+        for (int64_t p = p0; p < p1; p++) {
+            int rows = N - p * PANEL < PANEL ? (int)(N - p * PANEL) : PANEL;
+            const float *corr = rowcorr + p * PANEL;
+            for (int64_t m = m0; m < M && m < m0 + chunk; m += kt->tile4) {
+                int n = M - m < kt->tile4 ? (int)(M - m) : kt->tile4;
+                kt->w4(qa + m * K, K, n, K, w + p * nb * 256, ws + p * groups * PANEL, group / 32, acc);
+                for (int i = 0; i < n; i++) {
+                    float zc = (float)(128 + azp[m + i]), *out = y + (m + i) * N + p * PANEL;
+                    for (int r = 0; r < rows; r++) out[r] = as[m + i] * (acc[i][r] - zc * corr[r]);
+                }
+            }
+        }
+}
+
 void pq_linear_w4(const uint8_t *qa, const float *as, const int32_t *azp, int64_t M, int64_t K,
                   const uint8_t *w, const uint16_t *ws, const float *rowcorr, int64_t group, float *y,
                   int64_t N, int threads) {
-    const pq_kernels *kt = pq_current();
-    int64_t panels = (N + PANEL - 1) / PANEL, nb = K / 32, groups = K / group, chunk = chunk_tokens(K, kt->tile4);
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int t = 0; t < threads; t++) {
-        float acc[MAX_TILE][PANEL];
-        int64_t p1, p0 = share(panels, threads, t, &p1);
-        for (int64_t m0 = 0; m0 < M; m0 += chunk)
-            for (int64_t p = p0; p < p1; p++) {
-                int rows = N - p * PANEL < PANEL ? (int)(N - p * PANEL) : PANEL;
-                const float *corr = rowcorr + p * PANEL;
-                for (int64_t m = m0; m < M && m < m0 + chunk; m += kt->tile4) {
-                    int n = M - m < kt->tile4 ? (int)(M - m) : kt->tile4;
-                    kt->w4(qa + m * K, K, n, K, w + p * nb * 256, ws + p * groups * PANEL, group / 32, acc);
-                    for (int i = 0; i < n; i++) {
-                        float zc = (float)(128 + azp[m + i]), *out = y + (m + i) * N + p * PANEL;
-                        for (int r = 0; r < rows; r++) out[r] = as[m + i] * (acc[i][r] - zc * corr[r]);
-                    }
-                }
-            }
-    }
+    for (int t = 0; t < threads; t++) pq_linear_w4_share(qa, as, azp, M, K, w, ws, rowcorr, group, y, N, t, threads);
 }
 
 /* The same for int8 panels with one float scale per row; wsum[n] = sum(w in row n). */

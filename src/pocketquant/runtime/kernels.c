@@ -9,6 +9,13 @@
 
 #include "kernels.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
+#endif
+
 #if defined(PQ_X86) && !defined(PQ_EMULATE)
 #define PQ_ATTENTION512 1
 #include <immintrin.h>
@@ -223,10 +230,10 @@ VNNI static void attend_head_avx512(const float *qh, const pq_cache *C, int64_t 
 }
 #endif
 
-static void attend(const float *q, const pq_cache *C, float *att, float *probs, int64_t H, int64_t KV,
-                   int64_t D, int64_t pos, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t hd = 0; hd < H; hd++) {
+/* Thread t's share of the query heads (the caller is in a parallel region of `threads` threads) */
+static void attend_share(const float *q, const pq_cache *C, float *att, float *probs, int64_t H, int64_t KV,
+                         int64_t D, int64_t pos, int t, int threads) {
+    for (int64_t hd = H * t / threads; hd < H * (t + 1) / threads; hd++) {
 #ifdef PQ_ATTENTION512
         if (pq_current()->attention512 && D % 16 == 0 && D <= 256) {
             attend_head_avx512(q + hd * D, C, hd / (H / KV), att + hd * D, probs + hd * (pos + 1), D, pos);
@@ -239,56 +246,83 @@ static void attend(const float *q, const pq_cache *C, float *att, float *probs, 
 
 /* x [dim] is updated in place; cos/sin [head_dim] for `pos`; scratch holds at least
  * 2 * (n_heads + n_kv) * head_dim + 3 * ffn + dim + n_heads * (pos + 1) floats; qa holds
- * max(dim, n_heads * head_dim, ffn) bytes. */
-void pq_decode_layer(const pq_layer *L, const pq_cache *C, float *x, int64_t pos, const float *cos,
-                     const float *sin, float *scratch, uint8_t *qa, int threads) {
+ * max(dim, n_heads * head_dim, ffn) bytes. Runs inside the parallel region of pq_decode_layers: thread t
+ * of `threads` computes its share of every projection and of the heads; the small steps between them run
+ * on one thread (omp single, whose end is a barrier). */
+static void decode_layer(const pq_layer *L, const pq_cache *C, float *x, int64_t pos, const float *cos,
+                         const float *sin, float *scratch, uint8_t *qa, float *scale, int32_t *zp, int t,
+                         int threads) {
     enum { Q, K, V, O, GATE, UP, DOWN };
     int64_t D = L->head_dim, H = L->n_heads, KV = L->n_kv, dim = L->dim, F = L->ffn;
     int64_t nq = H * D, nkv = KV * D;
     float *h = scratch, *q = h + (dim > F ? dim : F), *k = q + nq, *v = k + nkv, *att = v + nkv;
     float *g = att + nq, *u = g + F, *probs = u + F;
-    float scale;
-    int32_t zp;
+#define SHARE(i, in, out, n) pq_linear_w4_share(qa, scale, zp, 1, in, L->w[i], L->s[i], L->c[i], L->g[i], out, n, t, threads)
 
-    rms_norm(x, L->attn_norm, L->eps, dim, h);
-    pq_quantize_rows(h, 1, dim, qa, &scale, &zp, 1); /* once for q, k and v */
-    pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[Q], L->s[Q], L->c[Q], L->g[Q], q, nq, threads);
-    pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[K], L->s[K], L->c[K], L->g[K], k, nkv, threads);
-    pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[V], L->s[V], L->c[V], L->g[V], v, nkv, threads);
-    rope(q, cos, sin, H, D);
-    rope(k, cos, sin, KV, D);
-    if (L->had_qk) {
-        pq_hadamard(q, H, D, 1, NULL);
-        pq_hadamard(k, KV, D, 1, NULL);
+#pragma omp single
+    {
+        rms_norm(x, L->attn_norm, L->eps, dim, h);
+        pq_quantize_rows(h, 1, dim, qa, scale, zp, 1); /* once for q, k and v */
     }
-    cache_write(C, k, v, KV, D, pos, qa);
-    attend(q, C, att, probs, H, KV, D, pos, threads);
-    pq_quantize_rows(att, 1, nq, qa, &scale, &zp, 1);
-    pq_linear_w4(qa, &scale, &zp, 1, nq, L->w[O], L->s[O], L->c[O], L->g[O], h, dim, threads);
+    SHARE(Q, dim, q, nq);
+    SHARE(K, dim, k, nkv);
+    SHARE(V, dim, v, nkv);
+#pragma omp barrier
+#pragma omp single
+    {
+        rope(q, cos, sin, H, D);
+        rope(k, cos, sin, KV, D);
+        if (L->had_qk) {
+            pq_hadamard(q, H, D, 1, NULL);
+            pq_hadamard(k, KV, D, 1, NULL);
+        }
+        cache_write(C, k, v, KV, D, pos, qa);
+    }
+    attend_share(q, C, att, probs, H, KV, D, pos, t, threads);
+#pragma omp barrier
+#pragma omp single
+    pq_quantize_rows(att, 1, nq, qa, scale, zp, 1);
+    SHARE(O, nq, h, dim);
+#pragma omp barrier
+#pragma omp single
+    {
+        for (int64_t i = 0; i < dim; i++) x[i] += h[i];
+        rms_norm(x, L->ffn_norm, L->eps, dim, h);
+        pq_quantize_rows(h, 1, dim, qa, scale, zp, 1); /* once for gate and up */
+    }
+    SHARE(GATE, dim, g, F);
+    SHARE(UP, dim, u, F);
+#pragma omp barrier
+#pragma omp single
+    {
+        for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        if (L->had_down_m) pq_hadamard(g, 1, F, L->had_down_m, L->had_down);
+        pq_quantize_rows(g, 1, F, qa, scale, zp, 1);
+    }
+    SHARE(DOWN, F, h, dim);
+#pragma omp barrier
+#pragma omp single
     for (int64_t i = 0; i < dim; i++) x[i] += h[i];
-
-    rms_norm(x, L->ffn_norm, L->eps, dim, h);
-    pq_quantize_rows(h, 1, dim, qa, &scale, &zp, 1); /* once for gate and up */
-    pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[GATE], L->s[GATE], L->c[GATE], L->g[GATE], g, F, threads);
-    pq_linear_w4(qa, &scale, &zp, 1, dim, L->w[UP], L->s[UP], L->c[UP], L->g[UP], u, F, threads);
-    for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    if (L->had_down_m) pq_hadamard(g, 1, F, L->had_down_m, L->had_down);
-    pq_quantize_rows(g, 1, F, qa, &scale, &zp, 1);
-    pq_linear_w4(qa, &scale, &zp, 1, F, L->w[DOWN], L->s[DOWN], L->c[DOWN], L->g[DOWN], h, dim, threads);
-    for (int64_t i = 0; i < dim; i++) x[i] += h[i];
+#undef SHARE
 }
 
-/* One token through all n layers (a decode step), x [dim] in place, layer i on cache i. RoPE's
+/* One token through all n layers (a decode step), x [dim] in place, layer i on cache i, in one parallel
+ * region (forking threads per projection cost more than the small projections of a small model). RoPE's
  * cos / sin for `pos` come from inv_freq [head_dim / 2] as the model computes them (float32). */
 void pq_decode_layers(const pq_layer *layers, const pq_cache *caches, int64_t n, float *x, int64_t pos,
                       const float *inv_freq, float *scratch, uint8_t *qa, int threads) {
     int64_t D = layers[0].head_dim;
-    float *cos = scratch, *sin = scratch + D;
+    float *cos = scratch, *sin = scratch + D, scale;
+    int32_t zp;
     for (int64_t i = 0; i < D / 2; i++) {
         float angle = (float)pos * inv_freq[i];
         cos[i] = cos[i + D / 2] = cosf(angle);
         sin[i] = sin[i + D / 2] = sinf(angle);
     }
-    for (int64_t i = 0; i < n; i++)
-        pq_decode_layer(layers + i, caches + i, x, pos, cos, sin, scratch + 2 * D, qa, threads);
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), team = omp_get_num_threads();
+        for (int64_t i = 0; i < n; i++)
+            decode_layer(layers + i, caches + i, x, pos, cos, sin, scratch + 2 * D, qa, &scale, &zp, t, team);
+    }
 }

@@ -45,6 +45,9 @@ void pq_quantize_rows(const float *x, int64_t M, int64_t K, uint8_t *qa, float *
 void pq_linear_w4(const uint8_t *qa, const float *as, const int32_t *azp, int64_t M, int64_t K,
                   const uint8_t *w, const uint16_t *ws, const float *rowcorr, int64_t group, float *y,
                   int64_t N, int threads);
+void pq_linear_w4_share(const uint8_t *qa, const float *as, const int32_t *azp, int64_t M, int64_t K,
+                        const uint8_t *w, const uint16_t *ws, const float *rowcorr, int64_t group, float *y,
+                        int64_t N, int t, int threads);
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define PQ_X86 1
