@@ -35,6 +35,8 @@ def quantize(model_or_source, recipe="hadamard", out=None, progress: bool = True
 
     from pocketquant.checkpoints import LoadedModel
     from pocketquant.quant import recipe as recipes
+    from pocketquant.runtime import kernels
+    from pocketquant.runtime.engine import use_fast_kernels
 
     if isinstance(recipe, (list, tuple)):
         steps = recipes.check(recipe)
@@ -42,9 +44,6 @@ def quantize(model_or_source, recipe="hadamard", out=None, progress: bool = True
         steps = recipes.from_options(recipe)
     else:
         steps = recipes.read(Path(recipe))
-    from pocketquant.runtime import kernels
-    from pocketquant.runtime.engine import use_fast_kernels
-
     given = isinstance(model_or_source, LoadedModel)
     source = model_or_source.model if given else str(model_or_source)
     result = recipes.quantize(source, steps, out, progress, model_or_source.tokenizer if given else None)

@@ -23,6 +23,7 @@ class Context:
     report: dict = field(default_factory=dict)  # what the steps measured, by name
     record: object = None  # the config the packed file records for the step running (a step may change it)
     _encoded: dict = field(default_factory=dict)
+    _examples: dict = field(default_factory=dict)
 
     def tokens(self, text: str | None) -> list[int]:
         """The token ids of the file `text` (None: the shipped calibration text), encoded once."""
@@ -56,12 +57,15 @@ class Context:
         return ids[:n]
 
     def examples(self, text: str | None, length: int):
-        """Training sequences and their loss masks (data.training_examples)."""
+        """Training sequences and their loss masks (data.training_examples), made once per text and length
+        (the steps' checks and the steps themselves read the same ones)."""
         from pocketquant.data import training_examples
 
         if self.tokenizer is None:
             raise PocketQuantError("this model has no tokenizer: training needs text")
-        return training_examples(self.tokenizer, text, length)
+        if (text, length) not in self._examples:
+            self._examples[text, length] = training_examples(self.tokenizer, text, length)
+        return self._examples[text, length]
 
     def beside_out(self, suffix: str, every_rank: bool = False) -> Path | None:
         """OUT + suffix (OUT.gptq-state, ...); None without an output, or for all but the first process."""

@@ -19,15 +19,16 @@ import torch
 
 from pocketquant.errors import PocketQuantError
 from pocketquant.quant.context import Context
-from pocketquant.quant.gptq import GPTQConfig
+from pocketquant.quant.gptq import GPTQConfig, gptq_state
 from pocketquant.quant.rtn import RTNConfig
 from pocketquant.quant.spinquant import SpinQuantConfig
-from pocketquant.quant.train import TrainConfig
+from pocketquant.quant.train import TrainConfig, training_state
 from pocketquant.scheme import QuantScheme, get_scheme
 
 STEPS = {"spinquant": SpinQuantConfig, "rtn": RTNConfig, "gptq": GPTQConfig, "qat": TrainConfig,
          "lora": TrainConfig, "qat+lora": TrainConfig}
 QUANTIZERS = (RTNConfig, GPTQConfig, TrainConfig)
+METHODS = ("rtn", "gptq", "hadamard", "spinquant")  # the quantize verb's --method (from_options)
 FORMAT, VERSION = "pocketquant.recipe", 1
 
 
@@ -160,9 +161,6 @@ def from_options(method: str = "rtn", scheme: str | QuantScheme = "int4-eo8", *,
     return check([*steps, quantizer])
 
 
-METHODS = ("rtn", "gptq", "hadamard", "spinquant")
-
-
 @dataclass
 class QuantizeResult:
     path: Path | None
@@ -182,25 +180,24 @@ def quantize(source, steps, out: str | Path | None = None, progress: bool = True
     recipe `steps`, and write the packed file `out` (atomically; long steps checkpoint beside it, and a
     rerun of a killed command resumes there). Under torchrun every process shares the work; the first one
     writes the files, the others return None."""
-    from pocketquant.files import check_output
     from pocketquant.checkpoints.packed import save_packed
+    from pocketquant.files import check_output
     from pocketquant.progress import bar
     from pocketquant.quant.distributed import join_torchrun
 
     steps = check(steps)
     scheme = steps[0].scheme
-    inputs = [*(getattr(s, a, None) for s in steps for a in ("text", "data", "rotations"))]
-    if isinstance(source, torch.nn.Module):
+    given = isinstance(source, torch.nn.Module)
+    if out is not None:  # refused before any work
+        inputs = [getattr(s, a, None) for s in steps for a in ("text", "data", "rotations")]
+        out = check_output(out, inputs if given else [source, *inputs], suffix=".safetensors")
+    if given:
         model = source
     else:
         from pocketquant.checkpoints import load_float_model
 
-        if out is not None:
-            out = check_output(out, [source, *inputs], suffix=".safetensors")
         loaded = load_float_model(source, torch.float32)
         model, tokenizer = loaded.model, loaded.tokenizer
-    if out is not None and isinstance(source, torch.nn.Module):
-        out = check_output(out, inputs, suffix=".safetensors")
     rank = join_torchrun(model.device) if any(isinstance(s, (SpinQuantConfig, TrainConfig)) for s in steps) else 0
     ctx = Context(tokenizer, bar if progress else None, Path(out) if out else None, rank=rank)
     model = apply(model, *steps, ctx=ctx)
@@ -221,7 +218,5 @@ def quantize(source, steps, out: str | Path | None = None, progress: bool = True
 
 def _remove_states(out: Path):
     """The checkpoints of the steps, kept until the packed file was written."""
-    from pocketquant.files import StateDir
-
-    for suffix, kind in ((".gptq-state", "GPTQ"), (".train-state", "training")):
-        StateDir(out.with_name(out.name + suffix), kind, {}).remove()
+    gptq_state(out.with_name(out.name + ".gptq-state")).remove()
+    training_state(out.with_name(out.name + ".train-state")).remove()

@@ -112,7 +112,7 @@ class TrainConfig:
             model, losses = train(model, ctx.teacher, self, ids, mask, state_dir, ctx.progress)
         except PocketQuantError:
             if state_dir and not ctx.rank:  # a refused run leaves nothing behind
-                StateDir(state_dir, "training", {}).remove(only_if_uncommitted=True)
+                training_state(state_dir).remove(only_if_uncommitted=True)
             raise
         if self.merge_lora:
             merge_lora(model)
@@ -215,6 +215,11 @@ def train(model: Transformer, teacher: Transformer | None, config: TrainConfig, 
         p.requires_grad_(False)
     model.gradient_checkpointing = False
     return model, losses
+
+
+def training_state(state_dir: str | Path) -> StateDir:
+    """The checkpoint directory `train` keeps (whatever its key), to `.remove()` once the result is saved."""
+    return StateDir(state_dir, "training", {})
 
 
 def _data_id(ids: torch.Tensor, mask: torch.Tensor) -> str:
