@@ -31,6 +31,7 @@ def cli(*args):
     SpinQuantConfig(PRESETS["int4-eo8-g128"], iterations=3, lr=0.5, learn=False, loss="kl", rotations="r.safetensors"),
     TrainConfig(SCHEME, lora=True, steps=3, targets=("q_proj", "mlp.*"), merge_lora=True, data="chats.jsonl"),
     TrainConfig(SCHEME, qat=False, lora=True),
+    recipe.ImportConfig(PRESETS["int4-eo8-g128"]),
 ])
 def test_every_step_round_trips_through_json(step):
     d = json.loads(json.dumps(step.to_dict()))
@@ -55,6 +56,7 @@ def test_recipe_files_round_trip_and_bad_ones_are_refused(tmp_path):
         (lambda r: r.update(version=9), "recipe version 9"),
         (lambda r: r["steps"][1]["scheme"].update(name="int8"), "the same scheme"),
         (lambda r: r["steps"].append(r["steps"][1]), "rtn or gptq once"),
+        (lambda r: r["steps"].insert(0, {"method": "import"}), "a recipe's only step"),
     ]:
         bad = json.loads(json.dumps(good))
         change(bad)

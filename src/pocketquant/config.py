@@ -184,9 +184,8 @@ class ModelConfig:
         hidden = multiple_of * math.ceil(hidden / multiple_of)
         scaling = None
         if params.get("use_scaled_rope"):
-            # Meta's reference code (llama-models) scales by 8 for every Llama 3 checkpoint.
-            scaling = RopeScaling(factor=params.get("rope_scaling_factor") or 8.0,
-                                  high_freq_factor=params.get("rope_high_freq_factor") or 4.0)
+            factor = params.get("rope_scale_factor") or params.get("rope_scaling_factor") or _llama3_factor(params)
+            scaling = RopeScaling(factor=factor, high_freq_factor=params.get("rope_high_freq_factor") or 4.0)
         n_heads = params["n_heads"]
         return cls(
             dim=dim, n_layers=params["n_layers"], n_heads=n_heads,
@@ -194,6 +193,14 @@ class ModelConfig:
             vocab_size=params["vocab_size"], norm_eps=params.get("norm_eps", 1e-5),
             rope_theta=params.get("rope_theta", 10000.0), rope_scaling=scaling,
             max_seq_len=params.get("max_seq_len", 8192), tie_embeddings=False, name=name)
+
+
+def _llama3_factor(params: dict) -> float:
+    """The RoPE scaling factor of a Meta params.json that names none. Llama 3.2 1B and 3B were trained with 32
+    (their Hugging Face configs say so, and ExecuTorch uses 32 for `--model llama3_2`), Llama 3.1 with 8;
+    Meta's own params.json for both say only `use_scaled_rope`, and llama-models applies 8 to every model."""
+    llama32 = (params.get("dim"), params.get("n_layers")) in ((2048, 16), (3072, 28))
+    return 32.0 if llama32 and params.get("vocab_size") == 128256 else 8.0
 
 
 _LLAMA32_ROPE = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -117,6 +118,35 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def atomic_directory(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """`atomic_write` for a directory of files: write(tmp) fills a new temporary directory beside `path`, which
+    is then renamed to `path` (which must not exist); after any failure nothing is left behind."""
+    path = Path(path)
+    if path.exists():
+        raise PocketQuantError(f"{path} exists; name a new directory to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(path.parent, [path.name])
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{PARTIAL}{os.getpid()}-", dir=path.parent))
+    except OSError as e:
+        raise PocketQuantError(f"cannot write {path}: {e.strerror or e}") from e
+    _in_flight.add(tmp)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        os.rename(tmp, path)
+    except PocketQuantError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        reason = getattr(e, "strerror", None) or first or type(e).__name__
+        raise PocketQuantError(f"cannot write {path}: {reason}") from e
+    finally:
+        _in_flight.discard(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def _read_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -133,10 +163,14 @@ def remove_stale_partials(directory: Path, names: Iterable[str]):
     rerun in a container often gets the PID of the run that was killed)."""
     prefixes = tuple(f".{name}{PARTIAL}" for name in names)
     for entry in os.scandir(directory):
-        if entry.name.startswith(prefixes) and not entry.is_dir(follow_symlinks=False):
+        if entry.name.startswith(prefixes):
             pid = entry.name.rsplit(PARTIAL, 1)[1].split("-")[0]
             ours = pid == str(os.getpid()) and Path(entry.path) not in _in_flight
-            if pid.isdigit() and (ours or not _alive(pid)):
+            if not (pid.isdigit() and (ours or not _alive(pid))):
+                continue
+            if entry.is_dir(follow_symlinks=False):  # a directory being written (atomic_directory)
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
                 Path(entry.path).unlink(missing_ok=True)  # a link is removed, never followed
 
 

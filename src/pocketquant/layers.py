@@ -116,10 +116,11 @@ class FakeQuantLinear(nn.Linear):
 
 
 class LoRA(nn.Module):
-    """A low-rank adapter beside a quantized linear: scale * B(A(x)), computed in `dtype` (Meta's QLoRA
-    checkpoints: rank 16, scale 2.0, bf16). B starts at zero, so a new adapter changes nothing. Its
-    parameters may be kept in float32 while training; the forward always rounds them to `dtype`, so the
-    trained and the saved adapter compute the same numbers."""
+    """A low-rank adapter beside a quantized linear: scale * B(A(x)), with weights in `dtype` (Meta's QLoRA
+    checkpoints: rank 16, scale 2.0, bf16) and the products in float32 on the unquantized input, as
+    ExecuTorch runs Meta's adaptors. B starts at zero, so a new adapter changes nothing. Its parameters may be
+    kept in float32 while training; the forward always rounds them to `dtype`, so the trained and the saved
+    adapter compute the same numbers."""
 
     def __init__(self, in_features: int, out_features: int, rank: int = 16, scale: float = 2.0,
                  dtype: torch.dtype = torch.bfloat16):
@@ -132,8 +133,8 @@ class LoRA(nn.Module):
             nn.init.zeros_(self.B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(F.linear(x.to(self.dtype), self.A.weight.to(self.dtype)), self.B.weight.to(self.dtype))
-        return (h * self.scale).to(x.dtype)
+        a, b = (w.to(self.dtype).float() for w in (self.A.weight, self.B.weight))
+        return (F.linear(F.linear(x.float(), a), b) * self.scale).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A in float32: the adapter as a change of the base weight (for merging)."""

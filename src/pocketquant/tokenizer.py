@@ -269,6 +269,8 @@ def from_hf_dir(path: Path) -> Tokenizer:
     bos, eos = _token_str(cfg.get("bos_token"), cfg_path), _token_str(cfg.get("eos_token"), cfg_path)
     # The tokenizer's own post-processor tells whether the model expects BOS.
     add_bos = bool(bos) and tok.encode("", add_special_tokens=True).ids[:1] == [special.get(bos)]
+    if isinstance(cfg.get("add_bos_token"), bool):  # said outright (as transformers' Llama tokenizers read it)
+        add_bos = bool(bos) and cfg["add_bos_token"]
     template = cfg.get("chat_template")
     if (path / "chat_template.jinja").exists():  # where newer transformers save it
         from pocketquant.data import read_text

@@ -79,6 +79,30 @@ def load_float_model(source: str | Path, dtype: str | torch.dtype = torch.float3
     return load_model(source, dtype)
 
 
+def import_quantized(source: str | Path, scheme="int4-eo8", dtype: str | torch.dtype = torch.float32):
+    """A quantized model whose integers come straight from a prequantized checkpoint -> (LoadedModel, the
+    scheme it follows, {GGUF type: names requantized}). Meta's INT4_EO8 layout brings its own scheme and
+    is taken bit for bit; a GGUF file's Q4_0 / Q8_0 blocks are kept where they are `scheme`'s numbers and
+    its other tensors requantized to `scheme` by round-to-nearest."""
+    from pocketquant.checkpoints import gguf, meta, meta_int4
+    from pocketquant.checkpoints.packed import is_packed
+    from pocketquant.scheme import get_scheme
+
+    dtype, scheme = parse_dtype(dtype), get_scheme(scheme)
+    where = resolve(str(source))
+    if isinstance(where, Path) and where.suffix == ".gguf" and where.is_file():
+        reader = gguf.open_gguf(where)
+        model, requantized = gguf.import_gguf(where, scheme, dtype, reader)
+        return LoadedModel(model, _gguf_tokenizer(reader, where), str(where)), scheme, requantized
+    if isinstance(where, Path) and meta.is_meta_dir(where) and meta.is_prequantized(where):
+        model, scheme = meta_int4.load_meta_quantized(where, dtype)
+        return LoadedModel(model, _meta_tokenizer(where), str(where)), scheme, {}
+    if isinstance(where, Path) and is_packed(where):
+        raise PocketQuantError(f"{source} is already a pocketquant packed file; there is nothing to import")
+    raise PocketQuantError(f"{source}: nothing to import (import reads Meta's prequantized INT4_EO8 layout or a "
+                           "GGUF file); quantize float weights with --method rtn, gptq or hadamard")
+
+
 def check_length(config, tokens: int, what: str):
     """Refuse sequences longer than the model's context (its RoPE was never trained past it)."""
     if tokens > config.max_seq_len:
@@ -86,24 +110,40 @@ def check_length(config, tokens: int, what: str):
                                f"{config.max_seq_len:,} tokens")
 
 
+def _gguf_tokenizer(reader, path: Path):
+    from pocketquant import tokenizer
+    from pocketquant.checkpoints.gguf import field
+
+    has_tokenizer = field(reader, "tokenizer.ggml.model", "none") not in ("none", "no_vocab")
+    return tokenizer.from_gguf(reader, path) if has_tokenizer else None
+
+
+def _meta_tokenizer(path: Path):
+    """A Meta directory's tokenizer.model (Llama 3, tiktoken), or the tokenizer.json a pocketquant export wrote."""
+    from pocketquant import tokenizer
+
+    if (path / "tokenizer.model").exists():
+        return tokenizer.from_llama3_model(path / "tokenizer.model")
+    return tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
+
+
 def _load_path(path: Path, dtype):
-    from pocketquant.checkpoints import packed
     from pocketquant import tokenizer as tk
-    from pocketquant.checkpoints import gguf, hf, meta
+    from pocketquant.checkpoints import gguf, hf, meta, meta_int4, packed
 
     if packed.is_packed(path):
         model, tokenizer, _ = packed.load_packed(path, dtype)
         return model, tokenizer
     if path.is_file() and path.suffix == ".gguf":
         reader = gguf.open_gguf(path)
-        has_tok = gguf.field(reader, "tokenizer.ggml.model", "none") not in ("none", "no_vocab")
-        return gguf.load_gguf(path, dtype, reader), tk.from_gguf(reader, path) if has_tok else None
+        return gguf.load_gguf(path, dtype, reader), _gguf_tokenizer(reader, path)
     if hf.is_hf_dir(path):
         has_tok = (path / "tokenizer.json").exists()
         return hf.load_hf(path, dtype), tk.from_hf_dir(path) if has_tok else None
     if meta.is_meta_dir(path):
-        has_tok = (path / "tokenizer.model").exists()
-        return meta.load_meta(path, dtype), tk.from_llama3_model(path / "tokenizer.model") if has_tok else None
+        quantized = meta.is_prequantized(path)
+        model = meta_int4.load_meta_quantized(path, dtype)[0] if quantized else meta.load_meta(path, dtype)
+        return model, _meta_tokenizer(path)
     if not path.is_file() and not path.is_dir():
         raise PocketQuantError(f"{path}: not a regular file or directory")
     if path.is_dir():

@@ -47,6 +47,27 @@ def assemble(config: ModelConfig, tensors: TensorSource, dtype: torch.dtype, sou
     return fill_model(model, tensors, dtype, source)
 
 
+def assemble_quantized(config: ModelConfig, scheme, tensors: TensorSource, dtype: torch.dtype, source: str,
+                       lora: dict | None = None) -> Transformer:
+    """Build a quantized `Transformer` (the scheme's modules) from named integer tensors, scales and norms,
+    checking every shape and dtype. `lora` ({"rank", "scale", "dtype"}) adds an adapter to every module
+    whose `.lora.A.weight` the tensors hold."""
+    from pocketquant.layers import LoRA, quantized_skeleton
+
+    check_layer_count(config, tensors, source)
+    with torch.device("meta"):
+        model = quantized_skeleton(Transformer(config), scheme, dtype)
+        for key in tensors if lora else ():
+            if key.endswith(".lora.A.weight"):
+                try:
+                    base = model.get_submodule(key[: -len(".lora.A.weight")])
+                except AttributeError as e:
+                    raise PocketQuantError(f"{source}: an adapter for no module ({key})") from e
+                base.lora = LoRA(base.in_features, base.out_features, lora["rank"], lora["scale"],
+                                 getattr(torch, lora["dtype"]))
+    return fill_model(model, tensors, dtype, source)
+
+
 def check_layer_count(config: ModelConfig, names, source: str):
     """Refuse a config whose number of layers the tensor names do not bear out, before a model is built."""
     found = {int(m.group(1)) for n in names if (m := re.match(r"layers\.(\d{1,9})\.", n))}

@@ -125,3 +125,81 @@ def _getter(t, name: str, config: ModelConfig):
             return interleaved_to_half(w, config.n_kv_heads)
         return w
     return get
+
+
+def import_gguf(path: Path, scheme, dtype=torch.float32, reader=None):
+    """A quantized model straight from a GGUF file's blocks where the formats agree -> (model, requantized).
+
+    Q4_0 tensors become int4 groups of 32 as they are (the same nibbles and float16 scales: our packing is
+    Q4_0's), and Q8_0 tensors whose blocks in a row share one scale become int8 per-channel rows. Every other
+    quantized tensor is dequantized and quantized again to `scheme` by round-to-nearest; `requantized` maps
+    each such GGUF type to the tensor names it had, for the caller to report."""
+    from pocketquant.checkpoints.common import assemble_quantized, tied_output_names
+    from pocketquant.layers import QuantEmbedding, QuantLinear, quantized_skeleton
+    from pocketquant.model import Transformer
+
+    reader = reader or open_gguf(path)
+    config = read_config(reader, path)
+    with torch.device("meta"):
+        skeleton = quantized_skeleton(Transformer(config), scheme, dtype)
+    found = {hf_name(t.name): t for t in reader.tensors}
+    unknown = [t.name for t in reader.tensors if hf_name(t.name) is None and t.name != "rope_freqs.weight"]
+    if unknown:
+        raise PocketQuantError(f"{path}: unrecognized tensors {unknown[:5]}")
+    if config.tie_embeddings and not tied_output_names(skeleton):  # the output gets a table of its own
+        found["lm_head.weight"] = found.get("embed_tokens.weight")
+    tensors, requantized = {}, {}
+    for name, t in found.items():
+        if t is None:
+            continue
+        module = skeleton.get_submodule(name.removesuffix(".weight"))
+        if not isinstance(module, (QuantLinear, QuantEmbedding)):
+            tensors[name] = _getter(t, name, config)
+            continue
+        spec = module.spec.weight if isinstance(module, QuantLinear) else module.spec
+        heads = config.n_heads if "q_proj" in name else config.n_kv_heads if "k_proj" in name else None
+        pair = _integers_getter(t, spec, heads, lambda name=name, t=t: requantized.setdefault(
+            t.tensor_type.name, []).append(name))
+        base = name.removesuffix(".weight")
+        tensors[f"{base}.qweight"], tensors[f"{base}.scales"] = (lambda p=pair: p()[0]), (lambda p=pair: p()[1])
+    return assemble_quantized(config, scheme, tensors, dtype, str(path)), requantized
+
+
+def _integers_getter(t, spec, heads: int | None, on_requantize):
+    """A cached getter of (qweight, scales) for one GGUF tensor under `spec` (rows in HF order)."""
+    import functools
+
+    from pocketquant.numerics import quantize_weight
+    from pocketquant.packing import pack_int4
+
+    @functools.cache
+    def get():
+        pair = _blocks_as_integers(t, spec)
+        if pair is None:
+            on_requantize()
+            q, scales = quantize_weight(torch.from_numpy(np.array(_dequantize(t), dtype=np.float32)), spec)
+            pair = (pack_int4(q) if spec.bits == 4 else q, scales.to(getattr(torch, spec.scale_dtype)))
+        if heads:
+            pair = tuple(interleaved_to_half(x, heads) for x in pair)
+        return pair
+    return get
+
+
+def _blocks_as_integers(t, spec):
+    """(qweight, scales) read from the tensor's own blocks when they are exactly `spec`'s numbers, else None."""
+    import gguf
+
+    G = gguf.GGMLQuantizationType
+    rows = int(t.shape[-1]) if len(t.shape) == 2 else 0
+    if t.tensor_type == G.Q4_0 and spec.bits == 4 and spec.group_size == 32 and spec.scale_dtype == "float16":
+        blocks = torch.from_numpy(np.array(t.data, dtype=np.uint8)).reshape(rows, -1, 18)
+        scales = blocks[:, :, :2].contiguous().view(torch.float16).reshape(rows, -1)
+        return blocks[:, :, 2:].reshape(rows, -1).contiguous(), scales
+    if t.tensor_type == G.Q8_0 and spec.bits == 8 and spec.group_size == 0:
+        blocks = torch.from_numpy(np.array(t.data, dtype=np.uint8)).reshape(rows, -1, 34)
+        scales = blocks[:, :, :2].contiguous().view(torch.float16).reshape(rows, -1)
+        if not bool((scales == scales[:, :1]).all()):
+            return None  # a scale per block of 32, not per row
+        q = blocks[:, :, 2:].contiguous().view(torch.int8).reshape(rows, -1)
+        return q, scales[:, :1].to(getattr(torch, spec.scale_dtype))
+    return None

@@ -49,23 +49,20 @@ def read_state(pth: Path) -> dict[str, torch.Tensor]:
         raise PocketQuantError(f"{pth}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
 
 
-def load_meta(path: Path, dtype):
-    params = read_json(path / "params.json")
+def config_from_params(params, path: Path) -> ModelConfig:
+    """The ModelConfig of a Meta directory's params.json (already read), with the file named in errors."""
     try:
-        config = ModelConfig.from_meta(params, name=path.name)
-    except KeyError as e:
+        return ModelConfig.from_meta(params, name=path.name)
+    except (KeyError, TypeError) as e:
         raise PocketQuantError(f"{path / 'params.json'}: not a valid Llama params file (no field {e})") from e
     except PocketQuantError as e:
         raise PocketQuantError(f"{path / 'params.json'}: {e}") from e
-    shards = sorted(path.glob("consolidated.*.pth"))
-    if len(shards) != 1:
-        raise PocketQuantError(
-            f"{path}: expected one consolidated.00.pth, found {len(shards)}"
-            + (" (model-parallel shards are not supported)" if shards else ""))
-    state = read_state(shards[0])
-    if any(k.endswith(".scales") for k in state):
-        raise PocketQuantError(f"{shards[0]} is a prequantized checkpoint (it has .scales tensors); "
-                               "loading those is not supported yet")
+
+
+def load_meta(path: Path, dtype):
+    config = config_from_params(read_json(path / "params.json"), path)
+    shard = shard_of(path)
+    state = read_state(shard)
     tensors, unknown = {}, []
     for key, t in state.items():
         name = hf_name(key)
@@ -75,8 +72,17 @@ def load_meta(path: Path, dtype):
             continue
         tensors[name] = _getter(t, name, config)
     if unknown:
-        raise PocketQuantError(f"{shards[0]}: unrecognized tensors {unknown[:5]}")
+        raise PocketQuantError(f"{shard}: unrecognized tensors {unknown[:5]}")
     return assemble(config, tensors, dtype, str(path))
+
+
+def shard_of(path: Path) -> Path:
+    shards = sorted(path.glob("consolidated.*.pth"))
+    if len(shards) != 1:
+        raise PocketQuantError(
+            f"{path}: expected one consolidated.00.pth, found {len(shards)}"
+            + (" (model-parallel shards are not supported)" if shards else ""))
+    return shards[0]
 
 
 def _getter(t: torch.Tensor, name: str, config: ModelConfig):
@@ -85,3 +91,10 @@ def _getter(t: torch.Tensor, name: str, config: ModelConfig):
     if name.endswith("k_proj.weight"):
         return lambda: interleaved_to_half(t, config.n_kv_heads)
     return lambda: t
+
+
+def is_prequantized(path: Path) -> bool:
+    """Whether a Meta directory holds prequantized weights (`.scales` tensors beside integer weights)."""
+    return any(k.endswith(".scales") for k in read_state(shard_of(path)))
+
+

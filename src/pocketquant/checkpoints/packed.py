@@ -126,9 +126,7 @@ def load_packed(path: Path, dtype: torch.dtype = torch.float32):
     """Load a packed file -> (model with QuantLinear modules, tokenizer or None, header)."""
     from safetensors import SafetensorError, safe_open
 
-    from pocketquant.checkpoints.common import check_layer_count, fill_model
-    from pocketquant.layers import LoRA, quantized_skeleton
-    from pocketquant.model import Transformer
+    from pocketquant.checkpoints.common import assemble_quantized
     from pocketquant.tokenizer import Tokenizer
 
     header = read_header(path)
@@ -136,20 +134,10 @@ def load_packed(path: Path, dtype: torch.dtype = torch.float32):
         handle = safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
         raise PocketQuantError(f"{path}: damaged tensor data: {e}") from e
-    check_layer_count(header.config, handle.keys(), str(path))
-    with torch.device("meta"):
-        model = quantized_skeleton(Transformer(header.config), header.scheme, dtype)
     try:
         tensors = {k: (lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
-        if header.lora:
-            with torch.device("meta"):
-                for key in tensors:
-                    if key.endswith(".lora.A.weight"):
-                        base = model.get_submodule(key[: -len(".lora.A.weight")])
-                        base.lora = LoRA(base.in_features, base.out_features, header.lora["rank"],
-                                         header.lora["scale"], getattr(torch, header.lora["dtype"]))
-        model = fill_model(model, tensors, dtype, str(path))
-    except (SafetensorError, AttributeError) as e:  # AttributeError: an adapter of no module
+        model = assemble_quantized(header.config, header.scheme, tensors, dtype, str(path), header.lora)
+    except SafetensorError as e:
         raise PocketQuantError(f"{path}: damaged tensor data: {e}") from e
     try:
         tokenizer = Tokenizer.from_spec(header.tokenizer) if header.tokenizer else None

@@ -9,18 +9,21 @@ DEFAULT_METHOD = "hadamard"
 def register(p):
     from pocketquant.cli.common import schemes
 
-    p.add_argument("model", metavar="MODEL", help="a float model: path or known name (smollm2-135m)")
+    p.add_argument("model", metavar="MODEL", help="a float model: path or known name (smollm2-135m); with --method "
+                   "import, a prequantized checkpoint (Meta INT4_EO8 directory, GGUF file)")
     p.add_argument("-o", "--output", required=True, help="the packed file to write (.safetensors)")
     p.add_argument("--recipe", default=None, metavar="FILE",
                    help="run the steps of a recipe file (.json) or replay the recipe stored in a packed file; "
                         "instead of --method and --scheme")
-    p.add_argument("--method", default=None, choices=["rtn", "gptq", "hadamard", "spinquant"],
+    p.add_argument("--method", default=None, choices=["rtn", "gptq", "hadamard", "spinquant", "import"],
                    help="hadamard (default: random Hadamard rotations R1/R2 + online R4, then GPTQ), spinquant "
-                        "(learned rotations, then --then gptq|rtn), gptq (calibrated; resumes after a kill), or rtn "
-                        "(no data, seconds, least accurate)")
+                        "(learned rotations, then --then gptq|rtn), gptq (calibrated; resumes after a kill), rtn "
+                        "(no data, seconds, least accurate), or import (keep a prequantized checkpoint's integers: "
+                        "Meta's INT4_EO8 layout, or a GGUF's Q4_0/Q8_0 blocks; other GGUF types are requantized)")
     p.add_argument("--scheme", default=None, choices=schemes(), help="the quantization scheme (default int4-eo8)")
     p.add_argument("--scale-rule", default=None, choices=["signed-max", "absmax"],
-                   help="how block-linear scales are chosen (default: the scheme's, signed-max)")
+                   help="how weight scales are chosen (default: the scheme's, signed-max; absmax gives positive "
+                        "scales only, which ExecuTorch's kernels need for an exact export)")
     p.add_argument("--search-clip", action="store_true",
                    help="rtn: search a clipping ratio per group that minimizes the weight error")
     p.add_argument("--share-embedding-output", action="store_true",
@@ -81,6 +84,9 @@ def run(args) -> int:
     if r is None:  # a torchrun helper process: the first process writes the files
         return 0
     print(f"wrote {r.path} ({r.file_bytes:,} bytes) by {' -> '.join(s.to_dict()['method'] for s in r.recipe)}")
+    for kind, names in r.report.get("requantized", {}).items():
+        print(f"requantized {len(names)} {kind} tensor(s) by round-to-nearest to the scheme (their blocks are not "
+              f"its numbers), e.g. {names[0]}")
     losses, heldout = r.report.get("rotation_losses"), r.report.get("rotation_heldout")
     if losses:
         n = len(losses)

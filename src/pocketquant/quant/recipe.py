@@ -4,6 +4,7 @@ round-trips through JSON (`to_dict` / `from_dict`), applied in turn by `apply(mo
     spinquant  rotate (learned R1/R2, or random Hadamard with learn=False; R4, and R3 for an int8 KV cache)
     rtn | gptq quantize the float linears
     qat / lora train with the quantization in the loop (one step, one or both phases), then quantize
+    import     keep the integers of a prequantized checkpoint (Meta's INT4_EO8 layout, GGUF Q4_0 / Q8_0)
 
 The packed file stores the recipe it was made by, so `quantize --recipe OLD.safetensors` makes it again.
 `quantize` (and the `quantize` / `train` verbs) are drivers: load, apply, write."""
@@ -14,21 +15,44 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from pocketquant.errors import PocketQuantError
-from pocketquant.quant.context import Context
+from pocketquant.quant.context import Context, config_dict, config_from_dict
 from pocketquant.quant.gptq import GPTQConfig, gptq_state
 from pocketquant.quant.rtn import RTNConfig
 from pocketquant.quant.spinquant import SpinQuantConfig
 from pocketquant.quant.train import TrainConfig, training_state
-from pocketquant.scheme import QuantScheme, get_scheme
+from pocketquant.scheme import PRESETS, QuantScheme, get_scheme
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """Take the integers a prequantized checkpoint holds instead of quantizing float weights: Meta's INT4_EO8
+    layout (which brings its own scheme) or a GGUF file (Q4_0 / Q8_0 blocks kept where they are `scheme`'s
+    numbers; other tensors requantized to `scheme`). It reads the source itself, so it is a recipe's only step."""
+
+    scheme: QuantScheme = field(default_factory=lambda: PRESETS["int4-eo8"])
+    VERSION: ClassVar[int] = 1
+
+    def to_dict(self) -> dict:
+        return config_dict(self, "import")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImportConfig":
+        return config_from_dict(cls, d, "import")
+
+    def apply(self, model, ctx):
+        raise PocketQuantError("an import step reads a prequantized checkpoint, not a model in memory; "
+                               "use recipe.quantize(SOURCE, [ImportConfig()])")
+
 
 STEPS = {"spinquant": SpinQuantConfig, "rtn": RTNConfig, "gptq": GPTQConfig, "qat": TrainConfig,
-         "lora": TrainConfig, "qat+lora": TrainConfig}
-QUANTIZERS = (RTNConfig, GPTQConfig, TrainConfig)
-METHODS = ("rtn", "gptq", "hadamard", "spinquant")  # the quantize verb's --method (from_options)
+         "lora": TrainConfig, "qat+lora": TrainConfig, "import": ImportConfig}
+QUANTIZERS = (RTNConfig, GPTQConfig, TrainConfig, ImportConfig)
+METHODS = ("rtn", "gptq", "hadamard", "spinquant", "import")  # the quantize verb's --method (from_options)
 FORMAT, VERSION = "pocketquant.recipe", 1
 
 
@@ -44,6 +68,8 @@ def check(steps) -> tuple:
     if len({json.dumps(s.scheme.to_dict(), sort_keys=True) for s in steps}) > 1:
         raise PocketQuantError("every step of a recipe must use the same scheme")
     kinds = [type(s) for s in steps]
+    if ImportConfig in kinds and len(steps) > 1:
+        raise PocketQuantError("an import step takes a checkpoint's integers as they are: it is a recipe's only step")
     if SpinQuantConfig in kinds[1:]:
         raise PocketQuantError("a spinquant step can only come first")
     if kinds.count(RTNConfig) + kinds.count(GPTQConfig) > 1:
@@ -51,7 +77,7 @@ def check(steps) -> tuple:
     if TrainConfig in kinds[:-1]:
         raise PocketQuantError("training (qat, lora) can only be the last step")
     if not isinstance(steps[-1], QUANTIZERS):
-        raise PocketQuantError("a recipe must end by quantizing: rtn, gptq, qat or lora")
+        raise PocketQuantError("a recipe must end by quantizing: rtn, gptq, qat, lora or import")
     return steps
 
 
@@ -140,9 +166,12 @@ def from_options(method: str = "rtn", scheme: str | QuantScheme = "int4-eo8", *,
     if then not in ("gptq", "rtn"):
         raise PocketQuantError(f"rotations are followed by gptq or rtn, not {then!r}")
     scheme = get_scheme(scheme)
-    if scale_rule is not None:  # the int4/int8 scale rule of the block linears
-        weight = dataclasses.replace(scheme.linear.weight, scale_rule=scale_rule)
-        scheme = scheme.replace(linear=dataclasses.replace(scheme.linear, weight=weight))
+    if scale_rule is not None:  # of every quantized weight: block linears, output layer, embedding
+        ruled = lambda w: dataclasses.replace(w, scale_rule=scale_rule)  # noqa: E731
+        scheme = scheme.replace(
+            linear=dataclasses.replace(scheme.linear, weight=ruled(scheme.linear.weight)),
+            output=scheme.output and dataclasses.replace(scheme.output, weight=ruled(scheme.output.weight)),
+            embedding=scheme.embedding and ruled(scheme.embedding))
     if share_embedding_output:
         if method in ("spinquant", "hadamard"):
             raise PocketQuantError("--share-embedding-output does not apply to rotated models: the rotated "
@@ -150,6 +179,8 @@ def from_options(method: str = "rtn", scheme: str | QuantScheme = "int4-eo8", *,
         scheme = scheme.replace(share_embedding_output=True)
     if kv_cache_bits is not None:
         scheme = scheme.replace(kv_cache_bits=kv_cache_bits)
+    if method == "import":
+        return check([ImportConfig(scheme)])
     steps = []
     if method in ("spinquant", "hadamard"):
         spin = dict(spin or {})
@@ -191,6 +222,8 @@ def quantize(source, steps, out: str | Path | None = None, progress: bool = True
     if out is not None:  # refused before any work
         inputs = [getattr(s, a, None) for s in steps for a in ("text", "data", "rotations")]
         out = check_output(out, inputs if given else [source, *inputs], suffix=".safetensors")
+    if isinstance(steps[0], ImportConfig):
+        return _import(source, steps[0], out)
     if given:
         model = source
     else:
@@ -207,13 +240,30 @@ def quantize(source, steps, out: str | Path | None = None, progress: bool = True
     if out is not None:
         save_packed(out, model, scheme, [s.to_dict() for s in recipe], tokenizer)
         _remove_states(out)
+    return _result(model, scheme, out, recipe, tokenizer, ctx.report)
+
+
+def _import(source, step: ImportConfig, out: Path | None) -> QuantizeResult:
+    from pocketquant.checkpoints import import_quantized
+    from pocketquant.checkpoints.packed import save_packed
+
+    if isinstance(source, torch.nn.Module):
+        raise PocketQuantError("an import step reads a checkpoint: give its path, not a model")
+    loaded, scheme, requantized = import_quantized(source, step.scheme)
+    recipe = (ImportConfig(scheme),)
+    if out is not None:
+        save_packed(out, loaded.model, scheme, [s.to_dict() for s in recipe], loaded.tokenizer)
+    return _result(loaded.model, scheme, out, recipe, loaded.tokenizer, {"requantized": requantized})
+
+
+def _result(model, scheme: QuantScheme, out, recipe: tuple, tokenizer, report: dict) -> QuantizeResult:
     lm = model.lm_head
     table = lm.qweight.numel() * lm.qweight.element_size() + lm.scales.numel() * lm.scales.element_size() \
         if hasattr(lm, "qweight") else 0
     can_share = (model.config.tie_embeddings and scheme.embedding is not None and scheme.output is not None
                  and scheme.output.weight == scheme.embedding)
     return QuantizeResult(Path(out) if out else None, model, Path(out).stat().st_size if out else 0, table,
-                          scheme.share_embedding_output, can_share, recipe, tokenizer, ctx.report)
+                          scheme.share_embedding_output, can_share, recipe, tokenizer, report)
 
 
 def _remove_states(out: Path):

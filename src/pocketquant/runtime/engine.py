@@ -58,6 +58,8 @@ class FastLinear(nn.Module):
         sums = []
         for r in range(0, N, PACK_ROWS):  # a slice at a time, letting go of its file pages once packed
             w, s, p = q.qweight[r:r + PACK_ROWS], q.scales[r:r + PACK_ROWS], slice(r // kernels.PANEL, None)
+            if self.bits == 4 and s.dtype != torch.float16:  # float32 scales (Meta's layout): the kernels' are float16
+                s = s.to(torch.float16)
             sums.append(group_sums(w, self.group if self.bits == 4 else K, unpack=self.bits == 4))
             if self.bits == 4:
                 kernels.pack_w4(w, s, self.group, (self.packed[p], self.scales[p]))
@@ -66,7 +68,8 @@ class FastLinear(nn.Module):
             kernels.drop_file_pages(w, s)
         sums = torch.cat(sums)
         if self.bits == 4:
-            rowcorr = (sums.double() * q.scales.double()).sum(-1).float()  # sum_g scale_g * sum(w in g)
+            scales = q.scales.to(torch.float16).double()  # as the kernels read them
+            rowcorr = (sums.double() * scales).sum(-1).float()  # sum_g scale_g * sum(w in g)
             self.rowcorr = F.pad(rowcorr, (0, pad))
         else:
             self.scales = F.pad(q.scales.float().reshape(-1), (0, pad))
@@ -119,8 +122,8 @@ def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
 
 
 def runs_fast(q) -> bool:
-    """The kernels cover int8 asymmetric per-token activations with int4 weights (groups of 32k, float16
-    scales) or int8 per-channel weights."""
+    """The kernels cover int8 asymmetric per-token activations with int4 weights (groups of 32k; float32 scales
+    are rounded to the kernels' float16, where they fit) or int8 per-channel weights."""
     if not isinstance(q, QuantLinear):
         return False
     a, w = q.spec.act, q.spec.weight
@@ -128,7 +131,9 @@ def runs_fast(q) -> bool:
         return False
     if w.bits == 8:
         return w.group_size == 0
-    return w.group_for(q.in_features) % 32 == 0 and w.scale_dtype == "float16"
+    if w.scale_dtype == "float32" and not bool(q.scales.abs().max() <= torch.finfo(torch.float16).max):
+        return False
+    return w.group_for(q.in_features) % 32 == 0
 
 
 class FastDecode:
