@@ -55,7 +55,7 @@ def test_meta_params_give_llama_3_2_1b_shape():
               "n_layers": 16, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
               "vocab_size": 128256}
     cfg = ModelConfig.from_meta(params)
-    assert (cfg.ffn_dim, cfg.head_dim, cfg.rope_scaling.factor) == (8192, 64, 8.0)
+    assert (cfg.ffn_dim, cfg.head_dim, cfg.rope_scaling.factor) == (8192, 64, 32.0)  # as its HF config
 
 
 def test_gguf_f32_matches_exactly(tmp_path):
