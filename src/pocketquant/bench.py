@@ -92,7 +92,7 @@ def _weight_bytes(cfg: Config, model) -> int:
     """The file a configuration reads: the packed file itself, or the float weights as safetensors of
     that dtype would hold them (tied tables once)."""
     if cfg.kind in ("pocketquant", "reference"):
-        return Path(cfg.source).stat().st_size
+        return disk_bytes(Path(cfg.source))
     from pocketquant.checkpoints.packed import packed_tensors
 
     return sum(t.numel() * t.element_size() for t in packed_tensors(model).values())
@@ -157,6 +157,24 @@ def memory_bandwidth(threads: int, gib: float = 1.0) -> float:
     return x.numel() * 4 / statistics.median(times[1:]) / 1e9
 
 
+def _config(path: Path, allow_meta: bool):
+    """The ModelConfig of a packed file (or, for a column beside it, of a Meta prequantized directory)."""
+    from pocketquant.checkpoints.meta import config_from_params, is_meta_dir
+    from pocketquant.checkpoints.packed import read_header
+    from pocketquant.files import read_json
+
+    if allow_meta and is_meta_dir(path):
+        return config_from_params(read_json(path / "params.json"), path)
+    if not path.is_file():
+        raise PocketQuantError(f"no such packed file{' or Meta directory' if allow_meta else ''}: {path}")
+    return read_header(path).config
+
+
+def disk_bytes(path: Path) -> int:
+    """A file's size, or the sum of a directory's files."""
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def decode_bytes_per_token(packed: str) -> int:
     """Bytes a decode step must read: every weight except the embedding table (one row of it), unless
     the output layer shares that table."""
@@ -180,14 +198,12 @@ def bench(packed: str, float_source: str | None, llama_cpp: bool = False, refere
     """Benchmark the packed model against its float source and peers; ratios are against the first.
     `also`: more packed files (e.g. the same weights with an int8 KV cache), each its own column."""
     from pocketquant.checkpoints import check_length
-    from pocketquant.checkpoints.packed import read_header
     from pocketquant.runtime import kernels
 
     for path in (packed, *also):
-        if not Path(path).is_file():
-            raise PocketQuantError(f"no such packed file: {path}")
         length = settings.prompt_tokens + settings.decode_tokens + 1
-        check_length(read_header(Path(path)).config, length, f"{path}: a prompt and its decoded tokens")
+        config = _config(Path(path), allow_meta=path != packed)
+        check_length(config, length, f"{path}: a prompt and its decoded tokens")
     configs = [Config("pocketquant int4-eo8", "pocketquant", packed)]
     configs += [Config(f"pocketquant {Path(p).stem}", "pocketquant", p) for p in also]
     if float_source:

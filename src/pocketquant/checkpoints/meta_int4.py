@@ -27,6 +27,7 @@ SCHEME = "int4_weight_int8_dynamic_activation"  # quantization_args.scheme of Me
 def load_meta_quantized(path: Path, dtype: torch.dtype = torch.float32):
     """A Meta prequantized directory -> (quantized `Transformer`, the `QuantScheme` its integers follow)."""
     params = read_json(path / "params.json")
+    config = config_from_params(params, path)
     shard = shard_of(path)
     state = read_state(shard)
     q_args = params.get("quantization_args") or {}
@@ -35,7 +36,6 @@ def load_meta_quantized(path: Path, dtype: torch.dtype = torch.float32):
     if q_args.get("scheme", SCHEME) != SCHEME:
         raise PocketQuantError(f"{path / 'params.json'}: quantization scheme {q_args['scheme']!r} is not supported; "
                                f"pocketquant reads {SCHEME!r} (int4 weights on int8 dynamic activations)")
-    config = config_from_params(params, path)
     scheme = scheme_of(state, q_args.get("group_size"), shard)
     shared = _same_table(state)
     config = dataclasses.replace(config, hadamard_down=bool(q_args.get("spinquant")), tie_embeddings=shared)
@@ -43,6 +43,10 @@ def load_meta_quantized(path: Path, dtype: torch.dtype = torch.float32):
     tensors, unknown = {}, []
     for key, t in state.items():
         if key.endswith("rope.freqs") or shared and key.startswith("output."):  # one table serves both
+            continue
+        if key.endswith(".zeros"):  # written by some tools, always zero: the weights are symmetric
+            if bool(t.any()):
+                raise PocketQuantError(f"{shard}: {key} holds nonzero zero points; only symmetric int4 is supported")
             continue
         name = _our_name(key, integer=not t.is_floating_point())
         if name is None:

@@ -11,7 +11,8 @@ def register(p):
                    help="also run llama.cpp (llama-cpp-python) on a GGUF export of the same weights")
     p.add_argument("--reference", action="store_true", help="also time the reference runtime")
     p.add_argument("--also", action="append", default=[], metavar="PACKED",
-                   help="another packed file to time in its own column (repeatable), e.g. with an int8 KV cache")
+                   help="another packed file, or a Meta prequantized directory, to time in its own column "
+                        "(repeatable), e.g. the same weights with an int8 KV cache")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
