@@ -275,9 +275,10 @@ def test_executorch_program_computes_what_pocketquant_does(tmp_path, lora, hadam
     the .pte. XNNPACK rounds the int4 scales to bf16 and quantizes activations its own way, so the logits agree
     to about 1% of the largest on average, and the greedy tokens but for near ties."""
     model = _quantized("absmax", lora, hadamard)
-    path, (requantized, _) = et.export_executorch(model, tmp_path / "tiny.pte", context=64)
+    path, (requantized, _), exported = et.export_executorch(model, tmp_path / "tiny.pte", context=64)
     assert requantized == 0 and path.stat().st_size > 0
     theirs, ours = et.pte_logits(path, TOKENS), logits(model)
+    assert torch.equal(logits(exported), ours)  # positive scales: exported exactly
     top = ours.abs().max().item()
     assert (theirs - ours).abs().mean() < 0.01 * top and (theirs - ours).abs().max() < 0.1 * top
     picked = ours.gather(-1, theirs.argmax(-1, keepdim=True))[:, 0]  # their greedy token, by our logits

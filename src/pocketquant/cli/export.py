@@ -44,12 +44,12 @@ def run(args) -> int:
         from pocketquant.export.executorch import export_executorch
 
         print("lowering with ExecuTorch's export_llama (XNNPACK); minutes per model on a small CPU ...", flush=True)
-        path, requantized = export_executorch(loaded.model, args.output, args.context)
+        path, requantized, exported = export_executorch(loaded.model, args.output, args.context)
     size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
     print(f"wrote {path} ({size:,} bytes)")
     _say_requantized(*requantized)
     if args.to == "executorch":
-        _compare(loaded, path)
+        check_program(path, exported, loaded.tokenizer)
     return 0
 
 
@@ -59,24 +59,33 @@ def _quantized(model) -> bool:
     return any(isinstance(m, QuantLinear) for m in model.modules())
 
 
-def _say_requantized(stuck: int, groups: int):
-    if stuck:
-        print(f"{stuck:,} of {groups:,} weight groups ({100 * stuck / groups:.1f}%) had a negative scale next to the "
-              "lowest integer and were quantized again with a positive one (ExecuTorch's kernels take positive "
-              "scales only); quantize with --scale-rule absmax for an exact export")
+def _say_requantized(changed: int, groups: int):
+    if changed:
+        print(f"{changed:,} of {groups:,} weight groups ({100 * changed / groups:.1f}%) had a negative scale and held "
+              "the lowest integer (-8 or -128), which became +7 or +127 when the group was flipped to a positive scale "
+              "(ExecuTorch's kernels take positive scales only); quantize with --scale-rule absmax for an exact export")
 
 
-def _compare(loaded, path):
-    """The program's logits against pocketquant's own on a short prompt."""
+def check_program(path, model, tokenizer):
+    """The program against pocketquant's reference runtime on the weights it holds: logits on a short prompt,
+    and the greedy answer to a question."""
     import torch
 
-    from pocketquant.export.executorch import pte_logits
+    from pocketquant.export.executorch import pte_greedy, pte_logits
+    from pocketquant.runtime.generate import stream_generate
 
-    tokens = loaded.tokenizer.encode("The capital of France is") if loaded.tokenizer else list(range(1, 9))
+    tokens = tokenizer.encode("The capital of France is") if tokenizer else list(range(1, 9))
     theirs = pte_logits(path, tokens)
     with torch.no_grad():
-        ours = loaded.model(torch.tensor([tokens]))[0]
+        ours = model(torch.tensor([tokens]))[0]
     same = int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-    print(f"check: the program's logits vs pocketquant's on {len(tokens)} tokens: max |difference| "
-          f"{(ours - theirs).abs().max():.4f} (largest logit {ours.abs().max():.2f}), the same next token at "
-          f"{same} of {len(tokens)} positions")
+    print(f"check: logits of the program vs pocketquant's on {len(tokens)} tokens: max |difference| "
+          f"{(ours - theirs).abs().max():.4f}, mean {(ours - theirs).abs().mean():.4f} (largest logit "
+          f"{ours.abs().max():.2f}); the same next token at {same} of {len(tokens)} positions")
+    if tokenizer is None or tokenizer.chat_template is None:
+        return
+    prompt = tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    program = tokenizer.decode(pte_greedy(path, prompt, 16, tokenizer.stop_ids))
+    pocketquant = "".join(r.text for r in stream_generate(model, tokenizer, prompt, 16))
+    print(f"check: greedy answer to 'What is the capital of France?': the program {program.strip()!r}, "
+          f"pocketquant {pocketquant.strip()!r}" + (" (the same)" if program.strip() == pocketquant.strip() else ""))

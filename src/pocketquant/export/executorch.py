@@ -45,9 +45,12 @@ def export_flags(model, context: int) -> list[str]:
     return flags + (["--use_lora", str(adapters[0].rank)] if adapters else [])
 
 
-def export_executorch(model, out: str | Path, context: int = 2048) -> tuple[Path, tuple[int, int]]:
+def export_executorch(model, out: str | Path, context: int = 2048):
     """Lower the quantized `model` to the ExecuTorch program `out` (written atomically) -> (out, (groups
-    requantized to make scales positive, groups)); see `export.meta.positive_scales`."""
+    changed to make scales positive, groups), the model as exported: read back from the Meta layout that was
+    lowered, which differs from `model` only in those groups; see `export.meta.positive_scales`)."""
+    from pocketquant.checkpoints.meta_int4 import load_meta_quantized
+
     if not available():
         raise PocketQuantError("ExecuTorch export needs the executorch and torchao packages: "
                                "pip install 'pocketquant[executorch]'")
@@ -66,8 +69,9 @@ def export_executorch(model, out: str | Path, context: int = 2048) -> tuple[Path
         if done.returncode or not program.exists():
             tail = [line for line in log.read_text(errors="replace").splitlines() if "Warning" not in line][-15:]
             raise PocketQuantError("ExecuTorch's export_llama failed:\n  " + "\n  ".join(tail))
+        exported = load_meta_quantized(folder)[0]
         os.replace(program, out)
-    return out, requantized
+    return out, requantized, exported
 
 
 def pte_logits(path: str | Path, tokens: list[int]) -> torch.Tensor:
@@ -79,3 +83,21 @@ def pte_logits(path: str | Path, tokens: list[int]) -> torch.Tensor:
     method = Runtime.get().load_program(str(path)).load_method("forward")
     rows = [method.execute([torch.tensor([[t]]), torch.tensor([i])])[0].reshape(-1) for i, t in enumerate(tokens)]
     return torch.stack(rows)
+
+
+def pte_greedy(path: str | Path, prompt: list[int], max_tokens: int, stop_ids=frozenset()) -> list[int]:
+    """The tokens an exported program writes after `prompt`, greedily (its KV cache, one token at a time)."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    import executorch.kernels.quantized  # noqa: F401
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+    out, logits = [], None
+    for i, t in enumerate(prompt):
+        logits = method.execute([torch.tensor([[t]]), torch.tensor([i])])[0]
+    while len(out) < max_tokens:
+        out.append(int(logits.reshape(-1).argmax()))
+        if out[-1] in stop_ids:
+            break
+        logits = method.execute([torch.tensor([[out[-1]]]), torch.tensor([len(prompt) + len(out) - 1])])[0]
+    return out
