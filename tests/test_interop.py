@@ -184,6 +184,18 @@ def test_gguf_q4_0_and_q8_0_blocks_import_exactly(tmp_path):
         assert torch.equal(v, loaded.model.state_dict()[k]), k
 
 
+@pytest.mark.slow
+def test_gguf_types_that_are_not_ours_are_requantized_as_rtn_would():
+    """SmolLM2's Q4_1 blocks (asymmetric) and Q8_0 embedding (a scale per 32) are not int4-eo8 numbers: the
+    import dequantizes and quantizes them by RTN, exactly what `quantize --method rtn` makes, and says so."""
+    from pocketquant.quant.recipe import quantize
+
+    loaded, _, requantized = import_quantized("smollm2-135m")
+    assert {k: len(v) for k, v in requantized.items()} == {"Q4_1": 210, "Q8_0": 2}
+    rtn = quantize("smollm2-135m", from_options("rtn"), progress=False).model.state_dict()
+    assert all(torch.equal(v, rtn[k]) for k, v in loaded.model.state_dict().items())
+
+
 def test_quantize_method_import_records_a_recipe_that_replays(tmp_path):
     from pocketquant.checkpoints.packed import read_header
     from pocketquant.export.gguf import export_gguf
