@@ -335,3 +335,30 @@ def _unlink(path: Path):
 
 def _plain_name(name) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def drop_file_pages(*tensors):
+    """Let go of the resident pages of tensors that lie in a file mapping (a packed file is read in place)
+    once they have been repacked. Those pages are unmodified copies of the file, so this lowers resident
+    memory only: anything that reads them again reads the file. Tensors in ordinary memory are left alone."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return  # not Linux with glibc
+    files = []
+    for line in maps:  # "start-end perms offset dev inode path"
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/") and fields[1].endswith("p"):
+            start, end = (int(v, 16) for v in fields[0].split("-"))
+            files.append((start, end))
+    page, MADV_DONTNEED = os.sysconf("SC_PAGE_SIZE"), 4
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for t in tensors:
+        a = t.data_ptr()
+        b = a + t.numel() * t.element_size()
+        lo, hi = -(-a // page) * page, b // page * page  # whole pages inside the tensor only
+        if hi > lo and any(s <= a and b <= e for s, e in files):
+            libc.madvise(lo, hi - lo, MADV_DONTNEED)

@@ -17,7 +17,7 @@ import torch
 from pocketquant.checkpoints.common import assemble_quantized, interleaved_to_half
 from pocketquant.checkpoints.meta import config_from_params, hf_name, read_state, shard_of
 from pocketquant.errors import PocketQuantError
-from pocketquant.files import read_json
+from pocketquant.files import drop_file_pages, read_json
 from pocketquant.packing import pack_int4
 from pocketquant.scheme import ActSpec, LinearSpec, QuantScheme, WeightSpec
 
@@ -124,11 +124,16 @@ def _getter(t: torch.Tensor, name: str, config, scheme: QuantScheme, where: str)
             spec = scheme.embedding if name.startswith("embed_tokens") else \
                 scheme.output.weight if name.startswith("lm_head") else scheme.linear.weight
             x = x.float().reshape(x.shape[0], -1).to(getattr(torch, spec.scale_dtype))
+            if x.data_ptr() != t.data_ptr():  # a copy in another precision: the file's pages can go
+                drop_file_pages(t)
         elif integer:
             x = _checked_ints(x, 4 if name.startswith("layers.") else 8, where)
         if heads and not name.endswith(".lora.A.weight"):  # rows of q/k outputs: Meta's order -> ours
             x = interleaved_to_half(x, heads)
-        return pack_int4(x) if integer and name.startswith("layers.") else x
+        if integer and name.startswith("layers."):
+            x = pack_int4(x)
+            drop_file_pages(t)  # the unpacked values, read in place from the .pth: no longer needed
+        return x
     return get
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from pocketquant.errors import PocketQuantError
+from pocketquant.files import drop_file_pages  # noqa: F401  (the engine lets go of repacked file pages)
 
 ENV = "POCKETQUANT_KERNELS"
 _lib = None
@@ -216,31 +217,6 @@ def decode_layers(layers, caches, x: torch.Tensor, pos: int, inv_freq: torch.Ten
     """One token through every layer (ctypes arrays of LayerParams and CacheParams), in place on x [dim]."""
     lib().pq_decode_layers(ctypes.addressof(layers), ctypes.addressof(caches), len(layers), _p(x), pos,
                            _p(inv_freq), _p(scratch), _p(qa), threads)
-
-
-def drop_file_pages(*tensors: torch.Tensor):
-    """Let go of the resident pages of tensors that lie in a file mapping (a packed file is read in place)
-    once they have been repacked. Those pages are unmodified copies of the file, so this lowers resident
-    memory only: anything that reads them again reads the file. Tensors in ordinary memory are left alone."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        maps = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return  # not Linux with glibc
-    files = []
-    for line in maps:  # "start-end perms offset dev inode path"
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].startswith("/") and fields[1].endswith("p"):
-            start, end = (int(v, 16) for v in fields[0].split("-"))
-            files.append((start, end))
-    page, MADV_DONTNEED = os.sysconf("SC_PAGE_SIZE"), 4
-    libc.madvise.argtypes = [P, ctypes.c_size_t, INT]
-    for t in tensors:
-        a = t.data_ptr()
-        b = a + t.numel() * t.element_size()
-        lo, hi = -(-a // page) * page, b // page * page  # whole pages inside the tensor only
-        if hi > lo and any(s <= a and b <= e for s, e in files):
-            libc.madvise(lo, hi - lo, MADV_DONTNEED)
 
 
 def return_freed_memory():
