@@ -210,6 +210,10 @@ def test_quantize_method_import_records_a_recipe_that_replays(tmp_path):
     refused = subprocess.run([*cli[:-2], "quantize", str(tmp_path / "a.safetensors"), "--method", "import", "-o",
                               str(tmp_path / "c.safetensors")], capture_output=True, text=True)
     assert refused.returncode == 1 and "nothing to import" in refused.stderr
+    meta_layout.write_checkpoint(tiny(), tmp_path / "m")
+    refused = subprocess.run([*cli[:-1], str(tmp_path / "m"), "--method", "rtn", "-o", str(tmp_path / "d.safetensors")],
+                             capture_output=True, text=True)
+    assert refused.returncode == 1 and "already quantized (Meta's prequantized layout)" in refused.stderr
 
 
 def test_llama_3_2_params_get_the_rope_scaling_of_their_hf_configs():

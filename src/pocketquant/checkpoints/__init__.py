@@ -71,11 +71,16 @@ def load_model(source: str | Path, dtype: str | torch.dtype = torch.float32) -> 
 
 def load_float_model(source: str | Path, dtype: str | torch.dtype = torch.float32) -> LoadedModel:
     """`load_model` for the algorithms that start from float weights: a packed file is refused."""
+    from pocketquant.checkpoints.meta import is_meta_dir, is_prequantized
     from pocketquant.checkpoints.packed import is_packed
 
-    if is_packed(Path(str(source)), if_unreadable=False):
+    path = Path(str(source))
+    if is_packed(path, if_unreadable=False):
         raise PocketQuantError(f"{source} is already quantized (a pocketquant packed file); start from its float "
                                "model instead")
+    if is_meta_dir(path) and (path / "consolidated.00.pth").is_file() and is_prequantized(path):
+        raise PocketQuantError(f"{source} is already quantized (Meta's prequantized layout): --method import keeps "
+                               "its integers in a packed file")
     return load_model(source, dtype)
 
 
