@@ -40,13 +40,18 @@ def hf_name(meta_name: str) -> str | None:
 
 def read_state(pth: Path) -> dict[str, torch.Tensor]:
     try:
-        return torch.load(pth, map_location="cpu", mmap=True, weights_only=True)
+        state = torch.load(pth, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
         raise PocketQuantError(
             f"refusing {pth}: its pickle holds more than tensors and would run code to load ({first})") from e
     except (RuntimeError, EOFError, OSError) as e:
         raise PocketQuantError(f"{pth}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise PocketQuantError(f"{pth}: expected a state dict of named tensors, got {type(state).__name__} "
+                               "holding other things")
+    return state
 
 
 def config_from_params(params, path: Path) -> ModelConfig:
