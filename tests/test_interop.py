@@ -81,6 +81,13 @@ def test_meta_checkpoint_computes_what_metas_reference_does(tmp_path, lora, spin
     assert (fast - ref).abs().mean() < 0.01 * ref.abs().max()
 
 
+def test_a_pth_that_is_not_a_state_dict_is_refused(tmp_path):
+    folder = _edit(tmp_path)
+    torch.save({"model": {"layers.0.attention.wq.scales": torch.ones(2)}}, folder / "consolidated.00.pth")
+    with pytest.raises(PocketQuantError, match="expected a state dict of named tensors"):
+        load_model(folder)
+
+
 def test_zero_points_that_are_all_zero_are_accepted(tmp_path):
     path = _edit(tmp_path, lambda s: s.update({f"layers.{i}.attention.wk.zeros": torch.zeros(64, 6) for i in (0, 1)}))
     assert torch.equal(logits(import_quantized(path)[0].model), logits(load(path, runtime="reference").model))
