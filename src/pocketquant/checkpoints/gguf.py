@@ -142,7 +142,7 @@ def import_gguf(path: Path, scheme, dtype=torch.float32, reader=None):
     config = read_config(reader, path)
     with torch.device("meta"):
         skeleton = quantized_skeleton(Transformer(config), scheme, dtype)
-    found = {hf_name(t.name): t for t in reader.tensors}
+    found = {hf_name(t.name): t for t in reader.tensors if hf_name(t.name) is not None}
     unknown = [t.name for t in reader.tensors if hf_name(t.name) is None and t.name != "rope_freqs.weight"]
     if unknown:
         raise PocketQuantError(f"{path}: unrecognized tensors {unknown[:5]}")
@@ -190,7 +190,9 @@ def _blocks_as_integers(t, spec):
     import gguf
 
     G = gguf.GGMLQuantizationType
-    rows = int(t.shape[-1]) if len(t.shape) == 2 else 0
+    if len(t.shape) != 2:
+        raise PocketQuantError(f"tensor {t.name} has {len(t.shape)} dimensions where a weight matrix goes")
+    rows = int(t.shape[-1])
     if t.tensor_type == G.Q4_0 and spec.bits == 4 and spec.group_size == 32 and spec.scale_dtype == "float16":
         blocks = torch.from_numpy(np.array(t.data, dtype=np.uint8)).reshape(rows, -1, 18)
         scales = blocks[:, :, :2].contiguous().view(torch.float16).reshape(rows, -1)

@@ -30,6 +30,14 @@ def load_meta_quantized(path: Path, dtype: torch.dtype = torch.float32):
     config = config_from_params(params, path)
     shard = shard_of(path)
     state = read_state(shard)
+    try:
+        return _load(path, params, config, shard, state, dtype)
+    except (KeyError, IndexError, ValueError, TypeError, StopIteration) as e:  # shapes the layout cannot have
+        raise PocketQuantError(f"{shard}: not a valid prequantized checkpoint ({type(e).__name__}: "
+                               f"{str(e)[:200]})") from e
+
+
+def _load(path: Path, params: dict, config, shard: Path, state: dict, dtype):
     q_args = params.get("quantization_args") or {}
     if not isinstance(q_args, dict):
         raise PocketQuantError(f"{path / 'params.json'}: quantization_args must be an object")
@@ -148,8 +156,8 @@ def _checked_ints(t: torch.Tensor, bits: int, where: str) -> torch.Tensor:
 
 def _lora_args(params: dict, state: dict, path: Path) -> dict:
     args = params.get("lora_args")
-    if not isinstance(args, dict) or not isinstance(args.get("rank"), int) or \
-            not isinstance(args.get("scale"), (int, float)):
+    if not isinstance(args, dict) or type(args.get("rank")) is not int or \
+            type(args.get("scale")) not in (int, float):
         raise PocketQuantError(f"{path / 'params.json'}: the checkpoint has LoRA adaptors but no valid "
                                "lora_args {\"rank\": int, \"scale\": number}")
     a = next(t for k, t in state.items() if k.endswith(".adaptor.A.weight"))

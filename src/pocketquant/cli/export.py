@@ -49,7 +49,7 @@ def run(args) -> int:
     print(f"wrote {path} ({size:,} bytes)")
     _say_requantized(*requantized)
     if args.to == "executorch":
-        check_program(path, exported, loaded.tokenizer)
+        check_program(path, exported, loaded.tokenizer, min(args.context, loaded.model.config.max_seq_len))
     return 0
 
 
@@ -66,7 +66,7 @@ def _say_requantized(changed: int, groups: int):
               "(ExecuTorch's kernels take positive scales only); quantize with --scale-rule absmax for an exact export")
 
 
-def check_program(path, model, tokenizer):
+def check_program(path, model, tokenizer, context: int):
     """The program against pocketquant's reference runtime on the weights it holds: logits on a short prompt,
     and the greedy answer to a question."""
     import torch
@@ -74,7 +74,7 @@ def check_program(path, model, tokenizer):
     from pocketquant.export.executorch import pte_greedy, pte_logits
     from pocketquant.runtime.generate import stream_generate
 
-    tokens = tokenizer.encode("The capital of France is") if tokenizer else list(range(1, 9))
+    tokens = (tokenizer.encode("The capital of France is") if tokenizer else list(range(1, 9)))[:context]
     theirs = pte_logits(path, tokens)
     with torch.no_grad():
         ours = model(torch.tensor([tokens]))[0]
@@ -85,6 +85,8 @@ def check_program(path, model, tokenizer):
     if tokenizer is None or tokenizer.chat_template is None:
         return
     prompt = tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    if len(prompt) + 16 > context:
+        return
     program = tokenizer.decode(pte_greedy(path, prompt, 16, tokenizer.stop_ids))
     pocketquant = "".join(r.text for r in stream_generate(model, tokenizer, prompt, 16))
     print(f"check: greedy answer to 'What is the capital of France?': the program {program.strip()!r}, "

@@ -18,7 +18,6 @@ from pocketquant.errors import PocketQuantError
 from pocketquant.export.meta import export_meta
 
 LOWERING = "executorch.examples.models.llama.export_llama"
-R4_WIDTHS = "a power of two or 28 times one"  # what ExecuTorch's fast Hadamard transform supports
 
 
 def available() -> bool:
@@ -30,16 +29,25 @@ def export_flags(model, context: int) -> list[str]:
     LoRA adaptors, a float32 program with a KV cache of `context` positions."""
     c = model.config
     adapters = [m.lora for m in model.modules() if getattr(m, "lora", None) is not None]
-    group = next(m.spec.weight.group_for(m.in_features) for m in model.layers[0].modules() if hasattr(m, "spec"))
+    specs = [m.spec.weight.group_for(m.in_features) for m in model.layers[0].modules() if hasattr(m, "spec")]
+    group = specs[0] if specs else 0
+    if group not in (32, 64, 128, 256):
+        raise PocketQuantError(f"ExecuTorch's pre-quantized linears take groups of 32, 64, 128 or 256, not {group}")
+    if context < 16:
+        raise PocketQuantError(f"the program's context must be at least 16 positions, got {context}")
+    if adapters and {(a.rank, a.scale, a.dtype) for a in adapters} != {(adapters[0].rank, 2.0, torch.bfloat16)}:
+        raise PocketQuantError("ExecuTorch's adaptors are bf16 with one rank and scale 2.0; this model's are "
+                               f"{sorted({(a.rank, a.scale, str(a.dtype)) for a in adapters})}")
     flags = ["-kv", "--use_sdpa_with_kv_cache", "-X", "-d", "fp32", "--preq_mode", "8da4w_output_8da8w",
-             "--preq_group_size", str(group), "--preq_embedding_quantize", "8,0", "--max_seq_length", str(context), "--max_context_length", str(context)]
+             "--preq_group_size", str(group), "--preq_embedding_quantize", "8,0",
+             "--max_seq_length", str(context), "--max_context_length", str(context)]
     if c.hadamard_down:
         n = c.ffn_dim
         if adapters:
             raise PocketQuantError("ExecuTorch loads LoRA adaptors only into models without online rotations")
-        if n & (n - 1) and not (n % 28 == 0 and (n // 28) & (n // 28 - 1) == 0):
-            raise PocketQuantError(f"ExecuTorch's online Hadamard (R4) takes widths of {R4_WIDTHS}, not the "
-                                   f"FFN width {n}")
+        if n & (n - 1):  # other widths: ExecuTorch's Hadamard matrix is not ours
+            raise PocketQuantError(f"ExecuTorch's online Hadamard (R4) equals ours for power-of-two widths only, not "
+                                   f"the FFN width {n}")
         return flags + ["--use_spin_quant", "native"]
     flags.append("--use_qat")  # ExecuTorch's switch for a pre-quantized checkpoint without rotations
     return flags + (["--use_lora", str(adapters[0].rank)] if adapters else [])
@@ -54,11 +62,14 @@ def export_executorch(model, out: str | Path, context: int = 2048):
     if not available():
         raise PocketQuantError("ExecuTorch export needs the executorch and torchao packages: "
                                "pip install 'pocketquant[executorch]'")
-    out = Path(out)
+    from pocketquant.files import PARTIAL, remove_stale_partials
+
+    out = Path(out).resolve()  # export_llama runs in the temporary directory
     context = min(context, model.config.max_seq_len)
     flags = export_flags(model, context)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=out.parent) as tmp:
+    remove_stale_partials(out.parent, [out.name])  # what a killed export left
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}{PARTIAL}{os.getpid()}-", dir=out.parent) as tmp:
         folder, requantized = export_meta(model, None, Path(tmp) / "meta")
         program = Path(tmp) / "model.pte"
         command = [sys.executable, "-m", LOWERING, "--checkpoint", str(folder / "consolidated.00.pth"),

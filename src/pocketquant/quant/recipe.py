@@ -163,11 +163,15 @@ def from_options(method: str = "rtn", scheme: str | QuantScheme = "int4-eo8", *,
 
     if method not in METHODS:
         raise PocketQuantError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    if method == "import" and (search_clip or scale_rule or share_embedding_output or kv_cache_bits):
+        raise PocketQuantError("import keeps the checkpoint's own numbers: --search-clip, --scale-rule, "
+                               "--share-embedding-output and --kv-cache do not apply")
     if then not in ("gptq", "rtn"):
         raise PocketQuantError(f"rotations are followed by gptq or rtn, not {then!r}")
     scheme = get_scheme(scheme)
     if scale_rule is not None:  # of every quantized weight: block linears, output layer, embedding
-        ruled = lambda w: dataclasses.replace(w, scale_rule=scale_rule)  # noqa: E731
+        def ruled(weight):
+            return dataclasses.replace(weight, scale_rule=scale_rule)
         scheme = scheme.replace(
             linear=dataclasses.replace(scheme.linear, weight=ruled(scheme.linear.weight)),
             output=scheme.output and dataclasses.replace(scheme.output, weight=ruled(scheme.output.weight)),

@@ -131,8 +131,11 @@ def runs_fast(q) -> bool:
         return False
     if w.bits == 8:
         return w.group_size == 0
-    if w.scale_dtype == "float32" and not bool(q.scales.abs().max() <= torch.finfo(torch.float16).max):
-        return False
+    if w.scale_dtype == "float32":  # float16 must hold every scale to its normal precision
+        size = q.scales.abs()
+        f16 = torch.finfo(torch.float16)
+        if not bool(size.max() <= f16.max) or bool(((size > 0) & (size < f16.smallest_normal)).any()):
+            return False
     return w.group_for(q.in_features) % 32 == 0
 
 
