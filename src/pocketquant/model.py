@@ -68,6 +68,15 @@ class KVCache(nn.Module):
                 for part in ("scale", "zero"):
                     self.register_buffer(f"{name}_{part}", torch.zeros(shape[:3], device=device), persistent=False)
 
+    def row(self, b: int) -> "KVCache":
+        """Sequence b of this cache as a cache of its own (views: what one writes, the other sees)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.bits, view.dtype = self.bits, self.dtype
+        for name, t in self.named_buffers():
+            view.register_buffer(name, t[b:b + 1], persistent=False)
+        return view
+
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):
         end = start_pos + k.shape[2]
         if self.bits != 8:
@@ -84,6 +93,7 @@ class KVCache(nn.Module):
             zero, scale = (getattr(self, f"{name}_{p}")[:, :, :end, None] for p in ("zero", "scale"))
             out.append(((q - zero) * scale).to(self.dtype))
         return tuple(out)
+
 
 
 class Attention(nn.Module):
@@ -110,17 +120,31 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if self.hadamard:  # q.k is unchanged; keys spread their outliers before an int8 cache
             q, k = hadamard_transform(q), hadamard_transform(k)
+        if isinstance(start_pos, torch.Tensor):  # one token per sequence, each in its own cache row
+            out = self._attend_rows(q, k, v, cache, start_pos.tolist())
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         elif self.kv_bits == 8:
             k, v = fake_quant_per_token(k).to(q.dtype), fake_quant_per_token(v).to(q.dtype)
-        if self.native_attention is not None:
+        if self.native_attention is not None and not isinstance(start_pos, torch.Tensor):
             out = self.native_attention(q, k, v, start_pos if cache is not None else 0)
             if out is not None:
                 return self.o_proj(out)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+    def _attend_rows(self, q, k, v, caches: list[KVCache], positions: list[int]) -> torch.Tensor:
+        """Each sequence attends over its own cache (one per sequence) only, exactly as it would alone:
+        [B, H, 1, D]."""
+        rows = []
+        for b, p in enumerate(positions):
+            keys, values = caches[b].update(p, k[b:b + 1], v[b:b + 1])
+            rows.append(F.scaled_dot_product_attention(q[b:b + 1], keys, values,
+                                                       enable_gqa=self.n_heads != self.n_kv_heads))
+        return torch.cat(rows)
 
 
 class MLP(nn.Module):
@@ -216,19 +240,27 @@ class Transformer(nn.Module):
         return [KVCache(batch, max_seq_len or cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim,
                         dtype or self.dtype, self.device, self.kv_cache_bits) for _ in range(cfg.n_layers)]
 
-    def rope(self, start_pos: int, length: int, dtype: torch.dtype):
-        pos = torch.arange(start_pos, start_pos + length, device=self.inv_freq.device, dtype=torch.float32)
+    def rope(self, start_pos: int | torch.Tensor, length: int, dtype: torch.dtype):
+        """cos, sin [T, D] from start_pos; for positions [B] (one token each), [B, 1, 1, D]."""
+        if isinstance(start_pos, torch.Tensor):
+            pos = start_pos.to(self.inv_freq.device, torch.float32)
+        else:
+            pos = torch.arange(start_pos, start_pos + length, device=self.inv_freq.device, dtype=torch.float32)
         freqs = torch.outer(pos, self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
+        if isinstance(start_pos, torch.Tensor):
+            emb = emb[:, None, None, :]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
-                start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, V], or [B, 1, V] for the last position only (what generation needs)."""
+                start_pos: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V], or [B, 1, V] for the last position only (what generation needs). `start_pos` may be
+        positions [B] instead: one token per sequence (T = 1), each at its own place in a cache of its own
+        (caches[layer] is then a list of B caches): batched decoding of sequences of different lengths."""
         T = tokens.shape[1]
         x = self.embed_tokens(tokens)
         fused = None
-        if T == 1 and caches is not None and self.fused_decode is not None:
+        if T == 1 and caches is not None and self.fused_decode is not None and isinstance(start_pos, int):
             fused = self.fused_decode(x, caches, start_pos)
         if fused is not None:
             x = fused
@@ -245,8 +277,9 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x[:, -1:] if last_only else x))
 
     @staticmethod
-    def attention_mask(start_pos: int, T: int, cached: bool, device) -> torch.Tensor | None:
-        """Boolean causal mask [T, S] over the keys seen so far; None when a single token needs none."""
+    def attention_mask(start_pos: int | torch.Tensor, T: int, cached: bool, device) -> torch.Tensor | None:
+        """Boolean causal mask [T, S] over the keys seen so far; None when a single token needs none (and for
+        one token per sequence at positions [B], which attend row by row)."""
         if T == 1:
             return None
         S = start_pos + T if cached else T

@@ -15,9 +15,10 @@ VERBS = {
     "inspect": "show what a packed file holds and where its bytes go",
     "eval": "perplexity, KL-divergence and task accuracy, side by side",
     "bench": "size, memory and speed side by side with the float model and llama.cpp",
-    "export": "write a model in another runtime's format (GGUF)",
+    "export": "write a model in another runtime's format (GGUF, Meta's layout, ExecuTorch)",
     "generate": "generate text from a prompt",
     "chat": "talk with a model in the terminal",
+    "serve": "an OpenAI-compatible server with batched decoding",
 }
 
 

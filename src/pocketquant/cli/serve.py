@@ -1,0 +1,44 @@
+"""`pocketquant serve MODEL [--host 127.0.0.1] [--port 8000] [--parallel 4] [--ctx 2048]`: an OpenAI-compatible
+server; up to --parallel requests decode together, --queue more wait, the rest get 503."""
+
+from __future__ import annotations
+
+from pocketquant.cli.common import add_model_options
+
+
+def register(p):
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--parallel", type=int, default=4, help="sequences decoded together, each with its own KV cache")
+    p.add_argument("--ctx", type=int, default=2048, help="context of each sequence (default 2048, at most the model's)")
+    p.add_argument("--queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--name", default=None, help="the model id clients name (default: MODEL as given)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from pocketquant.cli.common import open_model
+    from pocketquant.errors import PocketQuantError
+    from pocketquant.runtime.batch import BatchEngine
+    from pocketquant.server.app import create_app
+
+    for name in ("parallel", "ctx", "queue"):
+        if getattr(args, name) < 1:
+            raise PocketQuantError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0 < args.port < 65536:
+        raise PocketQuantError(f"--port must be in 1..65535, got {args.port}")
+    loaded = open_model(args)
+    context = min(args.ctx, loaded.model.config.max_seq_len)
+    engine = BatchEngine(loaded.model, args.parallel, context, args.queue)
+    app = create_app(engine, loaded.tokenizer, args.name or args.model, args.api_key)
+    print(f"serving {args.name or args.model} at http://{args.host}:{args.port}/v1 ({args.parallel} slots of "
+          f"{context:,} tokens)", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (`pocketquant serve`); imports nothing from `pocketquant.quant`."""
