@@ -92,6 +92,8 @@ def _weight_bytes(cfg: Config, model) -> int:
     """The file a configuration reads: the packed file itself, or the float weights as safetensors of
     that dtype would hold them (tied tables once)."""
     if cfg.kind in ("pocketquant", "reference"):
+        from pocketquant.files import disk_bytes
+
         return disk_bytes(Path(cfg.source))
     from pocketquant.checkpoints.packed import packed_tensors
 
@@ -168,11 +170,6 @@ def _config(path: Path, allow_meta: bool):
     if not path.is_file():
         raise PocketQuantError(f"no such packed file{' or Meta directory' if allow_meta else ''}: {path}")
     return read_header(path).config
-
-
-def disk_bytes(path: Path) -> int:
-    """A file's size, or the sum of a directory's files."""
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def decode_bytes_per_token(packed: str) -> int:

@@ -362,3 +362,8 @@ def drop_file_pages(*tensors):
         lo, hi = -(-a // page) * page, b // page * page  # whole pages inside the tensor only
         if hi > lo and any(s <= a and b <= e for s, e in files):
             libc.madvise(lo, hi - lo, MADV_DONTNEED)
+
+
+def disk_bytes(path: Path) -> int:
+    """A file's size, or the sum of a directory's files."""
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else path.stat().st_size

@@ -100,19 +100,19 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
+def named_tensors(reader, path: Path) -> dict:
+    """{our name: GGUF tensor}; a tensor of no known name is refused (rope_freqs is read into the config)."""
+    named = {t.name: hf_name(t.name) for t in reader.tensors}
+    unknown = [gguf_name for gguf_name, ours in named.items() if ours is None and gguf_name != "rope_freqs.weight"]
+    if unknown:
+        raise PocketQuantError(f"{path}: unrecognized tensors {unknown[:5]}")
+    return {named[t.name]: t for t in reader.tensors if named[t.name] is not None}
+
+
 def load_gguf(path: Path, dtype, reader=None):
     reader = reader or open_gguf(path)
     config = read_config(reader, path)
-    tensors, unknown = {}, []
-    for t in reader.tensors:
-        name = hf_name(t.name)
-        if name is None:
-            if t.name != "rope_freqs.weight":
-                unknown.append(t.name)
-            continue
-        tensors[name] = _getter(t, name, config)
-    if unknown:
-        raise PocketQuantError(f"{path}: unrecognized tensors {unknown[:5]}")
+    tensors = {name: _getter(t, name, config) for name, t in named_tensors(reader, path).items()}
     return assemble(config, tensors, dtype, str(path))
 
 
@@ -142,10 +142,7 @@ def import_gguf(path: Path, scheme, dtype=torch.float32, reader=None):
     config = read_config(reader, path)
     with torch.device("meta"):
         skeleton = quantized_skeleton(Transformer(config), scheme, dtype)
-    found = {hf_name(t.name): t for t in reader.tensors if hf_name(t.name) is not None}
-    unknown = [t.name for t in reader.tensors if hf_name(t.name) is None and t.name != "rope_freqs.weight"]
-    if unknown:
-        raise PocketQuantError(f"{path}: unrecognized tensors {unknown[:5]}")
+    found = named_tensors(reader, path)
     if config.tie_embeddings and not tied_output_names(skeleton):  # the output gets a table of its own
         found["lm_head.weight"] = found.get("embed_tokens.weight")
     tensors, requantized = {}, {}

@@ -21,7 +21,7 @@ def run(args) -> int:
 
     from pocketquant.checkpoints import load_model
     from pocketquant.errors import PocketQuantError
-    from pocketquant.files import check_output
+    from pocketquant.files import check_output, disk_bytes
 
     suffix = {"gguf": ".gguf", "executorch": ".pte", "meta": None}[args.to]
     if args.to == "meta" and Path(args.output).exists():
@@ -45,8 +45,7 @@ def run(args) -> int:
 
         print("lowering with ExecuTorch's export_llama (XNNPACK); minutes per model on a small CPU ...", flush=True)
         path, requantized, exported = export_executorch(loaded.model, args.output, args.context)
-    size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
-    print(f"wrote {path} ({size:,} bytes)")
+    print(f"wrote {path} ({disk_bytes(path):,} bytes)")
     _say_requantized(*requantized)
     if args.to == "executorch":
         check_program(path, exported, loaded.tokenizer, min(args.context, loaded.model.config.max_seq_len))

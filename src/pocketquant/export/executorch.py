@@ -85,24 +85,25 @@ def export_executorch(model, out: str | Path, context: int = 2048):
     return out, requantized, exported
 
 
-def pte_logits(path: str | Path, tokens: list[int]) -> torch.Tensor:
-    """Logits [T, V] of an exported program for `tokens`, fed one at a time through its KV cache."""
+def _forward(path: str | Path):
+    """The `forward` method of an exported program, with the operators it calls registered."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers SDPA and Hadamard operators)
     import executorch.kernels.quantized  # noqa: F401  (registers the quantized embedding operators)
     from executorch.runtime import Runtime
 
-    method = Runtime.get().load_program(str(path)).load_method("forward")
+    return Runtime.get().load_program(str(path)).load_method("forward")
+
+
+def pte_logits(path: str | Path, tokens: list[int]) -> torch.Tensor:
+    """Logits [T, V] of an exported program for `tokens`, fed one at a time through its KV cache."""
+    method = _forward(path)
     rows = [method.execute([torch.tensor([[t]]), torch.tensor([i])])[0].reshape(-1) for i, t in enumerate(tokens)]
     return torch.stack(rows)
 
 
 def pte_greedy(path: str | Path, prompt: list[int], max_tokens: int, stop_ids=frozenset()) -> list[int]:
     """The tokens an exported program writes after `prompt`, greedily (its KV cache, one token at a time)."""
-    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
-    import executorch.kernels.quantized  # noqa: F401
-    from executorch.runtime import Runtime
-
-    method = Runtime.get().load_program(str(path)).load_method("forward")
+    method = _forward(path)
     out, logits = [], None
     for i, t in enumerate(prompt):
         logits = method.execute([torch.tensor([[t]]), torch.tensor([i])])[0]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pocketquant.files import drop_file_pages
 from pocketquant.layers import QuantLinear, set_module, with_lora
 from pocketquant.packing import unpack_int4
 from pocketquant.runtime import kernels
@@ -65,7 +66,7 @@ class FastLinear(nn.Module):
                 kernels.pack_w4(w, s, self.group, (self.packed[p], self.scales[p]))
             else:
                 kernels.pack_w8(w, self.packed[p])
-            kernels.drop_file_pages(w, s)
+            drop_file_pages(w, s)
         sums = torch.cat(sums)
         if self.bits == 4:
             scales = q.scales.to(torch.float16).double()  # as the kernels read them

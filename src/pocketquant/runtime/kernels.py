@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from pocketquant.errors import PocketQuantError
-from pocketquant.files import drop_file_pages  # noqa: F401  (the engine lets go of repacked file pages)
 
 ENV = "POCKETQUANT_KERNELS"
 _lib = None
