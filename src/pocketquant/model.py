@@ -260,7 +260,7 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         x = self.embed_tokens(tokens)
         fused = None
-        if T == 1 and caches is not None and self.fused_decode is not None and isinstance(start_pos, int):
+        if T == 1 and caches is not None and self.fused_decode is not None:
             fused = self.fused_decode(x, caches, start_pos)
         if fused is not None:
             x = fused

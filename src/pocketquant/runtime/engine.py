@@ -5,6 +5,9 @@ layer as a single native call."""
 
 from __future__ import annotations
 
+import ctypes
+import weakref
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -142,8 +145,10 @@ def runs_fast(q) -> bool:
 
 class FastDecode:
     """The model's one-token step as one native call through every layer (norms, projections, RoPE,
-    the KV cache, attention, SwiGLU); installed as `model.fused_decode` when every block linear runs on
-    the int4 kernels. Batches other than 1 and non-float32 inputs or caches take the module path."""
+    the KV cache, attention, SwiGLU), for one sequence or for a batch of sequences each at its own
+    position in caches of its own (batched decoding: one pass over the weights for all of them, and each
+    sequence's numbers are those it gets alone). Installed as `model.fused_decode` when every block linear
+    runs on the int4 kernels; non-float32 inputs or caches take the module path."""
 
     def __init__(self, model: nn.Module):
         c = self.config = model.config
@@ -162,31 +167,45 @@ class FastDecode:
             p.had_down_m, p.had_qk = m, int(c.hadamard_qk)
             p.had_down = 0 if self.had_down is None else self.had_down.data_ptr()
         self.inv_freq = model.inv_freq
-        self.scratch = None  # sized for the caches in use (attention scores over every cached position)
-        self.qa = torch.empty(max(c.dim, c.n_heads * c.head_dim, c.ffn_dim), dtype=torch.uint8)
-        self.caches, self.cache_params = None, None
+        self.scratch = torch.empty(0)  # grown to the largest batch and cache seen
+        self.qa = torch.empty(0, dtype=torch.uint8)
+        self.params = weakref.WeakKeyDictionary()  # KVCache -> its CacheParams, for as long as it lives
 
-    def _cache_params(self, caches):
-        if self.caches is not caches:  # a new set of caches (one per generation)
-            c, max_t = self.config, caches[0].k.shape[2]
-            self.scratch = torch.empty(2 * c.head_dim + 2 * (c.n_heads + c.n_kv_heads) * c.head_dim + 3 * c.ffn_dim
-                                       + c.dim + c.n_heads * max_t, dtype=torch.float32)
-            self.caches, self.cache_params = caches, (kernels.CacheParams * len(caches))()
-            for p, cache in zip(self.cache_params, caches):
-                p.k, p.v, p.max_t, p.bits = cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2], cache.bits or 0
-                if cache.bits == 8:
-                    p.k_scale, p.k_zero = cache.k_scale.data_ptr(), cache.k_zero.data_ptr()
-                    p.v_scale, p.v_zero = cache.v_scale.data_ptr(), cache.v_zero.data_ptr()
-        return self.cache_params
+    def _param(self, cache) -> int:
+        """The address of `cache`'s CacheParams."""
+        p = self.params.get(cache)
+        if p is None:
+            p = self.params[cache] = kernels.CacheParams()
+            p.k, p.v, p.max_t, p.bits = cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2], cache.bits or 0
+            if cache.bits == 8:
+                p.k_scale, p.k_zero = cache.k_scale.data_ptr(), cache.k_zero.data_ptr()
+                p.v_scale, p.v_zero = cache.v_scale.data_ptr(), cache.v_zero.data_ptr()
+        return ctypes.addressof(p)
 
-    def __call__(self, x: torch.Tensor, caches, start_pos: int):
-        cache = caches[0]
-        if x.shape[0] != 1 or x.dtype != torch.float32 or (cache.bits != 8 and cache.k.dtype != torch.float32):
+    def __call__(self, x: torch.Tensor, caches, start_pos):
+        """x [B, 1, dim] -> [B, 1, dim]. With an int start_pos, B = 1 and caches[layer] is its cache; with
+        positions [B], caches[layer] is a list of B caches of one sequence each. None where it does not apply."""
+        if isinstance(start_pos, torch.Tensor):
+            rows, pos = caches, start_pos.to(torch.int64).contiguous()
+        elif x.shape[0] == 1:
+            rows, pos = [[c] for c in caches], torch.tensor([start_pos], dtype=torch.int64)
+        else:
             return None
-        out, params = x.reshape(-1).clone(), self._cache_params(caches)  # sizes the scratch for these caches
-        kernels.decode_layers(self.layers, params, out, start_pos, self.inv_freq, self.scratch, self.qa,
+        first = rows[0][0]
+        if x.dtype != torch.float32 or (first.bits != 8 and first.k.dtype != torch.float32):
+            return None
+        B, c = x.shape[0], self.config
+        max_t = max(cache.k.shape[2] for cache in rows[0])
+        need = kernels.decode_scratch(self.layers, B, max_t)
+        if self.scratch.numel() < need:
+            self.scratch = torch.empty(need, dtype=torch.float32)
+        if self.qa.numel() < B * max(c.dim, c.n_heads * c.head_dim, c.ffn_dim):
+            self.qa = torch.empty(B * max(c.dim, c.n_heads * c.head_dim, c.ffn_dim), dtype=torch.uint8)
+        params = (ctypes.c_void_p * (len(rows) * B))(*[self._param(cache) for layer in rows for cache in layer])
+        out = x.reshape(B, -1).clone()
+        kernels.decode_layers(self.layers, params, out, pos, max_t, self.inv_freq, self.scratch, self.qa,
                               torch.get_num_threads())
-        return out.view(1, 1, -1)
+        return out.view(B, 1, -1)
 
 
 def decodes_natively(model: nn.Module) -> bool:

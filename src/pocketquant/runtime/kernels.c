@@ -230,99 +230,144 @@ VNNI static void attend_head_avx512(const float *qh, const pq_cache *C, int64_t 
 }
 #endif
 
-/* Thread t's share of the query heads (the caller is in a parallel region of `threads` threads) */
-static void attend_share(const float *q, const pq_cache *C, float *att, float *probs, int64_t H, int64_t KV,
-                         int64_t D, int64_t pos, int t, int threads) {
-    for (int64_t hd = H * t / threads; hd < H * (t + 1) / threads; hd++) {
+/* Thread t's share of the (sequence, query head) pairs (the caller is in a parallel region of `threads`
+ * threads); sequence b's head hd keeps its scores at probs + (b * H + hd) * span. */
+static void attend_share(const float *q, const pq_cache *const *C, const int64_t *pos, float *att, float *probs,
+                         int64_t span, int64_t B, int64_t H, int64_t KV, int64_t D, int t, int threads) {
+    for (int64_t i = B * H * t / threads; i < B * H * (t + 1) / threads; i++) {
+        int64_t b = i / H, hd = i % H;
+        const float *qh = q + i * D;
+        float *oh = att + i * D, *ph = probs + i * span;
 #ifdef PQ_ATTENTION512
         if (pq_current()->attention512 && D % 16 == 0 && D <= 256) {
-            attend_head_avx512(q + hd * D, C, hd / (H / KV), att + hd * D, probs + hd * (pos + 1), D, pos);
+            attend_head_avx512(qh, C[b], hd / (H / KV), oh, ph, D, pos[b]);
             continue;
         }
 #endif
-        attend_head(q + hd * D, C, hd / (H / KV), att + hd * D, probs + hd * (pos + 1), D, pos);
+        attend_head(qh, C[b], hd / (H / KV), oh, ph, D, pos[b]);
     }
 }
 
-/* x [dim] is updated in place; cos/sin [head_dim] for `pos`; scratch holds at least
- * 2 * (n_heads + n_kv) * head_dim + 3 * ffn + dim + n_heads * (pos + 1) floats; qa holds
- * max(dim, n_heads * head_dim, ffn) bytes. Runs inside the parallel region of pq_decode_layers: thread t
- * of `threads` computes its share of every projection and of the heads; the small steps between them run
- * on one thread (omp single, whose end is a barrier). */
-static void decode_layer(const pq_layer *L, const pq_cache *C, float *x, int64_t pos, const float *cos,
-                         const float *sin, float *scratch, uint8_t *qa, float *scale, int32_t *zp, int t,
-                         int threads) {
+/* The per-sequence buffers of a decode step for B sequences (rows of each one sequence apart). */
+typedef struct {
+    float *h, *q, *k, *v, *att, *g, *u, *probs, *scale;
+    int32_t *zp;
+    uint8_t *qa;
+    int64_t wide, qa_row, span; /* h's and qa's row lengths; scores per head */
+} pq_rows;
+
+/* Quantize rows of `n` floats, `stride` apart, one sequence per thread's share (inside the parallel region) */
+static void quantize_share(const pq_rows *R, const float *x, int64_t stride, int64_t n, int64_t B) {
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++) pq_quantize_rows(x + b * stride, 1, n, R->qa + b * n, R->scale + b, R->zp + b, 1);
+}
+
+/* One decoder layer for B sequences (x [B, dim] in place; sequence b at position pos[b] of its caches C[b]);
+ * cos / sin [B, head_dim]. Runs inside the parallel region of pq_decode_layers: thread t of `threads` computes
+ * its share of every projection (all B rows at once: one pass over the weights) and of the (sequence, head)
+ * pairs; the small per-sequence steps between them are shared out by sequence (omp for, whose end is a
+ * barrier). Every sequence's numbers are those it gets alone. */
+static void decode_layer(const pq_layer *L, const pq_cache *const *C, int64_t B, float *x, const int64_t *pos,
+                         const float *cos, const float *sin, const pq_rows *R, int t, int threads) {
     enum { Q, K, V, O, GATE, UP, DOWN };
     int64_t D = L->head_dim, H = L->n_heads, KV = L->n_kv, dim = L->dim, F = L->ffn;
     int64_t nq = H * D, nkv = KV * D;
-    float *h = scratch, *q = h + (dim > F ? dim : F), *k = q + nq, *v = k + nkv, *att = v + nkv;
-    float *g = att + nq, *u = g + F, *probs = u + F;
-#define SHARE(i, in, out, n) pq_linear_w4_share(qa, scale, zp, 1, in, L->w[i], L->s[i], L->c[i], L->g[i], out, n, t, threads)
+    float *h = R->h, *q = R->q, *k = R->k, *v = R->v, *att = R->att, *g = R->g, *u = R->u;
+#define SHARE(i, in, out, n) pq_linear_w4_share(R->qa, R->scale, R->zp, B, in, L->w[i], L->s[i], L->c[i], L->g[i], \
+                                                out, n, t, threads)
 
-#pragma omp single
-    {
-        rms_norm(x, L->attn_norm, L->eps, dim, h);
-        pq_quantize_rows(h, 1, dim, qa, scale, zp, 1); /* once for q, k and v */
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        rms_norm(x + b * dim, L->attn_norm, L->eps, dim, h + b * dim);
+        pq_quantize_rows(h + b * dim, 1, dim, R->qa + b * dim, R->scale + b, R->zp + b, 1); /* for q, k and v */
     }
     SHARE(Q, dim, q, nq);
     SHARE(K, dim, k, nkv);
     SHARE(V, dim, v, nkv);
 #pragma omp barrier
-#pragma omp single
-    {
-        rope(q, cos, sin, H, D);
-        rope(k, cos, sin, KV, D);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        float *qb = q + b * nq, *kb = k + b * nkv;
+        rope(qb, cos + b * D, sin + b * D, H, D);
+        rope(kb, cos + b * D, sin + b * D, KV, D);
         if (L->had_qk) {
-            pq_hadamard(q, H, D, 1, NULL);
-            pq_hadamard(k, KV, D, 1, NULL);
+            pq_hadamard(qb, H, D, 1, NULL);
+            pq_hadamard(kb, KV, D, 1, NULL);
         }
-        cache_write(C, k, v, KV, D, pos, qa);
+        cache_write(C[b], kb, v + b * nkv, KV, D, pos[b], R->qa + b * R->qa_row);
     }
-    attend_share(q, C, att, probs, H, KV, D, pos, t, threads);
+    attend_share(q, C, pos, att, R->probs, R->span, B, H, KV, D, t, threads);
 #pragma omp barrier
-#pragma omp single
-    pq_quantize_rows(att, 1, nq, qa, scale, zp, 1);
+    quantize_share(R, att, nq, nq, B);
     SHARE(O, nq, h, dim);
 #pragma omp barrier
-#pragma omp single
-    {
-        for (int64_t i = 0; i < dim; i++) x[i] += h[i];
-        rms_norm(x, L->ffn_norm, L->eps, dim, h);
-        pq_quantize_rows(h, 1, dim, qa, scale, zp, 1); /* once for gate and up */
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        float *xb = x + b * dim, *hb = h + b * dim;
+        for (int64_t i = 0; i < dim; i++) xb[i] += hb[i];
+        rms_norm(xb, L->ffn_norm, L->eps, dim, hb);
+        pq_quantize_rows(hb, 1, dim, R->qa + b * dim, R->scale + b, R->zp + b, 1); /* for gate and up */
     }
     SHARE(GATE, dim, g, F);
     SHARE(UP, dim, u, F);
 #pragma omp barrier
-#pragma omp single
-    {
-        for (int64_t i = 0; i < F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-        if (L->had_down_m) pq_hadamard(g, 1, F, L->had_down_m, L->had_down);
-        pq_quantize_rows(g, 1, F, qa, scale, zp, 1);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        float *gb = g + b * F, *ub = u + b * F;
+        for (int64_t i = 0; i < F; i++) gb[i] = gb[i] / (1.0f + expf(-gb[i])) * ub[i];
+        if (L->had_down_m) pq_hadamard(gb, 1, F, L->had_down_m, L->had_down);
+        pq_quantize_rows(gb, 1, F, R->qa + b * F, R->scale + b, R->zp + b, 1);
     }
     SHARE(DOWN, F, h, dim);
 #pragma omp barrier
-#pragma omp single
-    for (int64_t i = 0; i < dim; i++) x[i] += h[i];
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < dim; i++) x[b * dim + i] += h[b * dim + i];
 #undef SHARE
 }
 
-/* One token through all n layers (a decode step), x [dim] in place, layer i on cache i, in one parallel
- * region (forking threads per projection cost more than the small projections of a small model). RoPE's
- * cos / sin for `pos` come from inv_freq [head_dim / 2] as the model computes them (float32). */
-void pq_decode_layers(const pq_layer *layers, const pq_cache *caches, int64_t n, float *x, int64_t pos,
-                      const float *inv_freq, float *scratch, uint8_t *qa, int threads) {
-    int64_t D = layers[0].head_dim;
-    float *cos = scratch, *sin = scratch + D, scale;
-    int32_t zp;
-    for (int64_t i = 0; i < D / 2; i++) {
-        float angle = (float)pos * inv_freq[i];
-        cos[i] = cos[i + D / 2] = cosf(angle);
-        sin[i] = sin[i + D / 2] = sinf(angle);
-    }
+/* Floats of scratch that pq_decode_layers needs for B sequences whose caches hold max_t positions. */
+int64_t pq_decode_scratch(const pq_layer *L, int64_t B, int64_t max_t) {
+    int64_t nq = L->n_heads * L->head_dim, nkv = L->n_kv * L->head_dim, wide = L->dim > L->ffn ? L->dim : L->ffn;
+    return B * (2 * L->head_dim + 2 + wide + 2 * nq + 2 * nkv + 2 * L->ffn + L->n_heads * max_t);
+}
+
+/* One token for each of B sequences through all n layers (a decode step): x [B, dim] in place; sequence b is
+ * at position pos[b] and uses caches[i * B + b] in layer i, whose max_t is at most max_t. One parallel region
+ * for the whole step (forking threads per projection cost more than the small projections of a small model).
+ * RoPE's cos / sin come from inv_freq [head_dim / 2] as the model computes them (float32). scratch holds
+ * pq_decode_scratch(layers, B, max_t) floats; qa holds B * max(dim, n_heads * head_dim, ffn) bytes. */
+void pq_decode_layers(const pq_layer *layers, const pq_cache *const *caches, int64_t n, int64_t B, float *x,
+                      const int64_t *pos, int64_t max_t, const float *inv_freq, float *scratch, uint8_t *qa,
+                      int threads) {
+    const pq_layer *L = layers;
+    int64_t D = L->head_dim, nq = L->n_heads * D, nkv = L->n_kv * D, F = L->ffn;
+    pq_rows R;
+    R.wide = L->dim > F ? L->dim : F;
+    R.qa_row = R.wide > nq ? R.wide : nq;
+    R.span = max_t;
+    float *cos = scratch, *sin = cos + B * D;
+    R.scale = sin + B * D;
+    R.zp = (int32_t *)(R.scale + B);
+    R.h = (float *)(R.zp + B);
+    R.q = R.h + B * R.wide;
+    R.k = R.q + B * nq;
+    R.v = R.k + B * nkv;
+    R.att = R.v + B * nkv;
+    R.g = R.att + B * nq;
+    R.u = R.g + B * F;
+    R.probs = R.u + B * F;
+    R.qa = qa;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < D / 2; i++) {
+            float angle = (float)pos[b] * inv_freq[i];
+            cos[b * D + i] = cos[b * D + i + D / 2] = cosf(angle);
+            sin[b * D + i] = sin[b * D + i + D / 2] = sinf(angle);
+        }
 #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), team = omp_get_num_threads();
         for (int64_t i = 0; i < n; i++)
-            decode_layer(layers + i, caches + i, x, pos, cos, sin, scratch + 2 * D, qa, &scale, &zp, t, team);
+            decode_layer(layers + i, caches + i * B, B, x, pos, cos, sin, &R, t, team);
     }
 }

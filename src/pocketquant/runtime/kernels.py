@@ -32,7 +32,9 @@ def _bind(cdll: ctypes.CDLL) -> ctypes.CDLL:
     cdll.pq_hadamard.argtypes = [P, I64, I64, I64, P]
     cdll.pq_path_name.restype = ctypes.c_char_p
     cdll.pq_path_name.argtypes = cdll.pq_path_supported.argtypes = cdll.pq_select.argtypes = [INT]
-    cdll.pq_decode_layers.argtypes = [P, P, I64, P, I64, P, P, P, INT]
+    cdll.pq_decode_layers.argtypes = [P, P, I64, I64, P, P, I64, P, P, P, INT]
+    cdll.pq_decode_scratch.argtypes = [P, I64, I64]
+    cdll.pq_decode_scratch.restype = I64
     cdll.pq_prefill_attention.argtypes = [P, I64, I64, P, I64, I64, P, I64, I64, P, I64, I64, I64, I64, I64, INT]
     return cdll
 
@@ -211,11 +213,18 @@ class CacheParams(ctypes.Structure):
         ("max_t", I64), ("bits", I64)]
 
 
-def decode_layers(layers, caches, x: torch.Tensor, pos: int, inv_freq: torch.Tensor, scratch: torch.Tensor,
-                  qa: torch.Tensor, threads: int):
-    """One token through every layer (ctypes arrays of LayerParams and CacheParams), in place on x [dim]."""
-    lib().pq_decode_layers(ctypes.addressof(layers), ctypes.addressof(caches), len(layers), _p(x), pos,
-                           _p(inv_freq), _p(scratch), _p(qa), threads)
+def decode_scratch(layers, batch: int, max_t: int) -> int:
+    """Floats of scratch that decode_layers needs for `batch` sequences in caches of max_t positions."""
+    return lib().pq_decode_scratch(ctypes.addressof(layers), batch, max_t)
+
+
+def decode_layers(layers, caches, x: torch.Tensor, pos: torch.Tensor, max_t: int, inv_freq: torch.Tensor,
+                  scratch: torch.Tensor, qa: torch.Tensor, threads: int):
+    """One token for each of B sequences through every layer (a ctypes array of LayerParams), in place on
+    x [B, dim]: sequence b is at position pos[b] (int64) and in layer i uses the CacheParams at address
+    caches[i * B + b] (a ctypes array of pointers)."""
+    lib().pq_decode_layers(ctypes.addressof(layers), ctypes.addressof(caches), len(layers), x.shape[0], _p(x),
+                           _p(pos), max_t, _p(inv_freq), _p(scratch), _p(qa), threads)
 
 
 def return_freed_memory():
