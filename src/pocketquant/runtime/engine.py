@@ -168,7 +168,6 @@ class FastDecode:
             p.had_down = 0 if self.had_down is None else self.had_down.data_ptr()
         self.inv_freq = model.inv_freq
         self.scratch = torch.empty(0)  # grown to the largest batch and cache seen
-        self.qa = torch.empty(0, dtype=torch.uint8)
         self.params = weakref.WeakKeyDictionary()  # KVCache -> its CacheParams, for as long as it lives
 
     def _param(self, cache) -> int:
@@ -194,16 +193,14 @@ class FastDecode:
         first = rows[0][0]
         if x.dtype != torch.float32 or (first.bits != 8 and first.k.dtype != torch.float32):
             return None
-        B, c = x.shape[0], self.config
+        B = x.shape[0]
         max_t = max(cache.k.shape[2] for cache in rows[0])
         need = kernels.decode_scratch(self.layers, B, max_t)
         if self.scratch.numel() < need:
             self.scratch = torch.empty(need, dtype=torch.float32)
-        if self.qa.numel() < B * max(c.dim, c.n_heads * c.head_dim, c.ffn_dim):
-            self.qa = torch.empty(B * max(c.dim, c.n_heads * c.head_dim, c.ffn_dim), dtype=torch.uint8)
         params = (ctypes.c_void_p * (len(rows) * B))(*[self._param(cache) for layer in rows for cache in layer])
         out = x.reshape(B, -1).clone()
-        kernels.decode_layers(self.layers, params, out, pos, max_t, self.inv_freq, self.scratch, self.qa,
+        kernels.decode_layers(self.layers, params, out, pos, max_t, self.inv_freq, self.scratch,
                               torch.get_num_threads())
         return out.view(B, 1, -1)
 

@@ -256,12 +256,6 @@ typedef struct {
     int64_t wide, qa_row, span; /* h's and qa's row lengths; scores per head */
 } pq_rows;
 
-/* Quantize rows of `n` floats, `stride` apart, one sequence per thread's share (inside the parallel region) */
-static void quantize_share(const pq_rows *R, const float *x, int64_t stride, int64_t n, int64_t B) {
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; b++) pq_quantize_rows(x + b * stride, 1, n, R->qa + b * n, R->scale + b, R->zp + b, 1);
-}
-
 /* One decoder layer for B sequences (x [B, dim] in place; sequence b at position pos[b] of its caches C[b]);
  * cos / sin [B, head_dim]. Runs inside the parallel region of pq_decode_layers: thread t of `threads` computes
  * its share of every projection (all B rows at once: one pass over the weights) and of the (sequence, head)
@@ -298,7 +292,8 @@ static void decode_layer(const pq_layer *L, const pq_cache *const *C, int64_t B,
     }
     attend_share(q, C, pos, att, R->probs, R->span, B, H, KV, D, t, threads);
 #pragma omp barrier
-    quantize_share(R, att, nq, nq, B);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++) pq_quantize_rows(att + b * nq, 1, nq, R->qa + b * nq, R->scale + b, R->zp + b, 1);
     SHARE(O, nq, h, dim);
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -326,20 +321,21 @@ static void decode_layer(const pq_layer *L, const pq_cache *const *C, int64_t B,
 #undef SHARE
 }
 
-/* Floats of scratch that pq_decode_layers needs for B sequences whose caches hold max_t positions. */
+/* Floats of scratch that pq_decode_layers needs for B sequences whose caches hold max_t positions (the
+ * quantized activations' bytes included). */
 int64_t pq_decode_scratch(const pq_layer *L, int64_t B, int64_t max_t) {
     int64_t nq = L->n_heads * L->head_dim, nkv = L->n_kv * L->head_dim, wide = L->dim > L->ffn ? L->dim : L->ffn;
-    return B * (2 * L->head_dim + 2 + wide + 2 * nq + 2 * nkv + 2 * L->ffn + L->n_heads * max_t);
+    int64_t qa_row = wide > nq ? wide : nq; /* bytes of quantized activations per sequence */
+    return B * (2 * L->head_dim + 2 + wide + 2 * nq + 2 * nkv + 2 * L->ffn + L->n_heads * max_t + qa_row / 4 + 1);
 }
 
 /* One token for each of B sequences through all n layers (a decode step): x [B, dim] in place; sequence b is
  * at position pos[b] and uses caches[i * B + b] in layer i, whose max_t is at most max_t. One parallel region
  * for the whole step (forking threads per projection cost more than the small projections of a small model).
  * RoPE's cos / sin come from inv_freq [head_dim / 2] as the model computes them (float32). scratch holds
- * pq_decode_scratch(layers, B, max_t) floats; qa holds B * max(dim, n_heads * head_dim, ffn) bytes. */
+ * pq_decode_scratch(layers, B, max_t) floats. */
 void pq_decode_layers(const pq_layer *layers, const pq_cache *const *caches, int64_t n, int64_t B, float *x,
-                      const int64_t *pos, int64_t max_t, const float *inv_freq, float *scratch, uint8_t *qa,
-                      int threads) {
+                      const int64_t *pos, int64_t max_t, const float *inv_freq, float *scratch, int threads) {
     const pq_layer *L = layers;
     int64_t D = L->head_dim, nq = L->n_heads * D, nkv = L->n_kv * D, F = L->ffn;
     pq_rows R;
@@ -357,7 +353,7 @@ void pq_decode_layers(const pq_layer *layers, const pq_cache *const *caches, int
     R.g = R.att + B * nq;
     R.u = R.g + B * F;
     R.probs = R.u + B * F;
-    R.qa = qa;
+    R.qa = (uint8_t *)(R.probs + B * L->n_heads * max_t);
     for (int64_t b = 0; b < B; b++)
         for (int64_t i = 0; i < D / 2; i++) {
             float angle = (float)pos[b] * inv_freq[i];

@@ -32,7 +32,7 @@ def _bind(cdll: ctypes.CDLL) -> ctypes.CDLL:
     cdll.pq_hadamard.argtypes = [P, I64, I64, I64, P]
     cdll.pq_path_name.restype = ctypes.c_char_p
     cdll.pq_path_name.argtypes = cdll.pq_path_supported.argtypes = cdll.pq_select.argtypes = [INT]
-    cdll.pq_decode_layers.argtypes = [P, P, I64, I64, P, P, I64, P, P, P, INT]
+    cdll.pq_decode_layers.argtypes = [P, P, I64, I64, P, P, I64, P, P, INT]
     cdll.pq_decode_scratch.argtypes = [P, I64, I64]
     cdll.pq_decode_scratch.restype = I64
     cdll.pq_prefill_attention.argtypes = [P, I64, I64, P, I64, I64, P, I64, I64, P, I64, I64, I64, I64, I64, INT]
@@ -219,12 +219,12 @@ def decode_scratch(layers, batch: int, max_t: int) -> int:
 
 
 def decode_layers(layers, caches, x: torch.Tensor, pos: torch.Tensor, max_t: int, inv_freq: torch.Tensor,
-                  scratch: torch.Tensor, qa: torch.Tensor, threads: int):
+                  scratch: torch.Tensor, threads: int):
     """One token for each of B sequences through every layer (a ctypes array of LayerParams), in place on
     x [B, dim]: sequence b is at position pos[b] (int64) and in layer i uses the CacheParams at address
     caches[i * B + b] (a ctypes array of pointers)."""
     lib().pq_decode_layers(ctypes.addressof(layers), ctypes.addressof(caches), len(layers), x.shape[0], _p(x),
-                           _p(pos), max_t, _p(inv_freq), _p(scratch), _p(qa), threads)
+                           _p(pos), max_t, _p(inv_freq), _p(scratch), threads)
 
 
 def return_freed_memory():
