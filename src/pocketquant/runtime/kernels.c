@@ -4,6 +4,8 @@
  * CPU's features (gemm.c). */
 #include <float.h>
 #include <math.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -248,39 +250,70 @@ static void attend_share(const float *q, const pq_cache *const *C, const int64_t
     }
 }
 
+/* A barrier for the threads of one parallel region that spins, then yields the core, but never sleeps. A
+ * decode step passes a dozen barriers per layer; the OpenMP runtime's barrier sleeps in the kernel whenever the
+ * process holds more OpenMP threads than cores (one pool on the main thread and another on a server's engine
+ * thread are enough), and each wake-up then costs tens of microseconds. */
+typedef struct {
+    atomic_int arrived, phase;
+} pq_barrier;
+
+static void barrier_wait(pq_barrier *bar, int threads) {
+    if (threads == 1) return;
+    int phase = atomic_load_explicit(&bar->phase, memory_order_relaxed);
+    if (atomic_fetch_add_explicit(&bar->arrived, 1, memory_order_acq_rel) == threads - 1) {
+        atomic_store_explicit(&bar->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&bar->phase, phase + 1, memory_order_release);
+        return;
+    }
+    for (int spin = 0; atomic_load_explicit(&bar->phase, memory_order_acquire) == phase; spin++) {
+        if (spin >= 2000) {
+            sched_yield();
+            continue;
+        }
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        __asm__ volatile("yield");
+#endif
+    }
+}
+
 /* The per-sequence buffers of a decode step for B sequences (rows of each one sequence apart). */
 typedef struct {
     float *h, *q, *k, *v, *att, *g, *u, *probs, *scale;
     int32_t *zp;
     uint8_t *qa;
     int64_t wide, qa_row, span; /* h's and qa's row lengths; scores per head */
+    pq_barrier *barrier;
 } pq_rows;
 
 /* One decoder layer for B sequences (x [B, dim] in place; sequence b at position pos[b] of its caches C[b]);
  * cos / sin [B, head_dim]. Runs inside the parallel region of pq_decode_layers: thread t of `threads` computes
  * its share of every projection (all B rows at once: one pass over the weights) and of the (sequence, head)
- * pairs; the small per-sequence steps between them are shared out by sequence (omp for, whose end is a
- * barrier). Every sequence's numbers are those it gets alone. */
+ * pairs; the small per-sequence steps between them are shared out by sequence. Every sequence's numbers are
+ * those it gets alone. */
 static void decode_layer(const pq_layer *L, const pq_cache *const *C, int64_t B, float *x, const int64_t *pos,
                          const float *cos, const float *sin, const pq_rows *R, int t, int threads) {
     enum { Q, K, V, O, GATE, UP, DOWN };
     int64_t D = L->head_dim, H = L->n_heads, KV = L->n_kv, dim = L->dim, F = L->ffn;
     int64_t nq = H * D, nkv = KV * D;
     float *h = R->h, *q = R->q, *k = R->k, *v = R->v, *att = R->att, *g = R->g, *u = R->u;
+#define EACH_SEQUENCE(b) for (int64_t b = B * t / threads; b < B * (t + 1) / threads; b++)
+#define BARRIER barrier_wait(R->barrier, threads)
 #define SHARE(i, in, out, n) pq_linear_w4_share(R->qa, R->scale, R->zp, B, in, L->w[i], L->s[i], L->c[i], L->g[i], \
                                                 out, n, t, threads)
 
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; b++) {
+    EACH_SEQUENCE(b) {
         rms_norm(x + b * dim, L->attn_norm, L->eps, dim, h + b * dim);
         pq_quantize_rows(h + b * dim, 1, dim, R->qa + b * dim, R->scale + b, R->zp + b, 1); /* for q, k and v */
     }
+    BARRIER;
     SHARE(Q, dim, q, nq);
     SHARE(K, dim, k, nkv);
     SHARE(V, dim, v, nkv);
-#pragma omp barrier
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; b++) {
+    BARRIER;
+    EACH_SEQUENCE(b) {
         float *qb = q + b * nq, *kb = k + b * nkv;
         rope(qb, cos + b * D, sin + b * D, H, D);
         rope(kb, cos + b * D, sin + b * D, KV, D);
@@ -290,35 +323,37 @@ static void decode_layer(const pq_layer *L, const pq_cache *const *C, int64_t B,
         }
         cache_write(C[b], kb, v + b * nkv, KV, D, pos[b], R->qa + b * R->qa_row);
     }
+    BARRIER;
     attend_share(q, C, pos, att, R->probs, R->span, B, H, KV, D, t, threads);
-#pragma omp barrier
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; b++) pq_quantize_rows(att + b * nq, 1, nq, R->qa + b * nq, R->scale + b, R->zp + b, 1);
+    BARRIER;
+    EACH_SEQUENCE(b) pq_quantize_rows(att + b * nq, 1, nq, R->qa + b * nq, R->scale + b, R->zp + b, 1);
+    BARRIER;
     SHARE(O, nq, h, dim);
-#pragma omp barrier
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; b++) {
+    BARRIER;
+    EACH_SEQUENCE(b) {
         float *xb = x + b * dim, *hb = h + b * dim;
         for (int64_t i = 0; i < dim; i++) xb[i] += hb[i];
         rms_norm(xb, L->ffn_norm, L->eps, dim, hb);
         pq_quantize_rows(hb, 1, dim, R->qa + b * dim, R->scale + b, R->zp + b, 1); /* for gate and up */
     }
+    BARRIER;
     SHARE(GATE, dim, g, F);
     SHARE(UP, dim, u, F);
-#pragma omp barrier
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; b++) {
+    BARRIER;
+    EACH_SEQUENCE(b) {
         float *gb = g + b * F, *ub = u + b * F;
         for (int64_t i = 0; i < F; i++) gb[i] = gb[i] / (1.0f + expf(-gb[i])) * ub[i];
         if (L->had_down_m) pq_hadamard(gb, 1, F, L->had_down_m, L->had_down);
         pq_quantize_rows(gb, 1, F, R->qa + b * F, R->scale + b, R->zp + b, 1);
     }
+    BARRIER;
     SHARE(DOWN, F, h, dim);
-#pragma omp barrier
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; b++)
+    BARRIER;
+    EACH_SEQUENCE(b) /* the next layer starts with the same sequences on this thread: no barrier */
         for (int64_t i = 0; i < dim; i++) x[b * dim + i] += h[b * dim + i];
 #undef SHARE
+#undef BARRIER
+#undef EACH_SEQUENCE
 }
 
 /* Floats of scratch that pq_decode_layers needs for B sequences whose caches hold max_t positions (the
@@ -360,6 +395,8 @@ void pq_decode_layers(const pq_layer *layers, const pq_cache *const *caches, int
             cos[b * D + i] = cos[b * D + i + D / 2] = cosf(angle);
             sin[b * D + i] = sin[b * D + i + D / 2] = sinf(angle);
         }
+    pq_barrier barrier = {0, 0};
+    R.barrier = &barrier;
 #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), team = omp_get_num_threads();
