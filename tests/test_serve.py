@@ -26,12 +26,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """SmolLM2-135M (RTN) served with 8 slots of 512 tokens and a queue of 40."""
-    folder = tmp_path_factory.mktemp("serve")
-    packed = folder / "smol.safetensors"
+def packed(tmp_path_factory):
+    """SmolLM2-135M quantized with RTN."""
+    path = tmp_path_factory.mktemp("serve") / "smol.safetensors"
     subprocess.run([sys.executable, "-m", "pocketquant", "quantize", "smollm2-135m", "--method", "rtn", "-o",
-                    str(packed)], check=True, capture_output=True)
+                    str(path)], check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(packed):
+    """SmolLM2-135M (RTN) served with 8 slots of 512 tokens and a queue of 40."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pocketquant", "serve", str(packed), "--port", str(port),
                              "--parallel", "8", "--ctx", "512", "--queue", "40", "--name", "smol"],
@@ -183,3 +188,13 @@ def test_batch_engine_gives_each_sequence_what_it_gets_alone():
         assert run(prompts) == [run([p])[0] for p in prompts]
     finally:
         engine.close()
+
+
+def test_a_port_in_use_is_an_error_not_a_hang(packed):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        run = subprocess.run([sys.executable, "-m", "pocketquant", "serve", str(packed), "--port",
+                              str(taken.getsockname()[1])], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "could not serve at 127.0.0.1:" in run.stderr + run.stdout

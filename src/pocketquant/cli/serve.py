@@ -19,6 +19,9 @@ def register(p):
 
 
 def run(args) -> int:
+    import signal
+    import threading
+
     import uvicorn
 
     from pocketquant.cli.common import open_model
@@ -33,12 +36,25 @@ def run(args) -> int:
         raise PocketQuantError(f"--port must be in 1..65535, got {args.port}")
     loaded = open_model(args)
     context = min(args.ctx, loaded.model.config.max_seq_len)
-    engine = BatchEngine(loaded.model, args.parallel, context, args.queue)
+    engine = BatchEngine(loaded.model, args.parallel, context, args.queue, thread=False)
     app = create_app(engine, loaded.tokenizer, args.name or args.model, args.api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    # HTTP runs on a thread of its own and the model stays on this one, which loaded it. OpenMP keeps a pool
+    # of worker threads for each thread that starts parallel work; with a second pool (the model stepped on
+    # another thread) there are more OpenMP threads than cores on a small machine, and its workers then sleep
+    # in the kernel at every parallel region instead of spinning: a prefill took several times longer.
+    http = threading.Thread(target=server.run, name="pocketquant-http", daemon=True)
+
+    def stop(signum, frame):  # the first Ctrl-C lets streams finish; a second one ends them
+        server.force_exit = server.should_exit
+        server.should_exit = True
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    http.start()
     print(f"serving {args.name or args.model} at http://{args.host}:{args.port}/v1 ({args.parallel} slots of "
           f"{context:,} tokens)", flush=True)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    finally:
-        engine.close()
+    engine.run(running=http.is_alive)
+    http.join()
+    if not server.started:
+        raise PocketQuantError(f"could not serve at {args.host}:{args.port} (see the message above)")
     return 0

@@ -1,6 +1,7 @@
 """Batched decoding: up to `slots` sequences share each forward step (one pass over the weights for all of
 them), each with its own KV cache row and position; a new request's prompt is prefilled between steps. One
-engine thread owns the model; callers submit requests and receive tokens through a callback."""
+thread steps the model (the engine's own, or the one that calls `run`); callers submit requests and receive tokens
+through a callback."""
 
 from __future__ import annotations
 
@@ -34,17 +35,20 @@ class _Slot:
 
 
 class BatchEngine:
-    """Runs requests on `model` in `slots` cache rows of `context` positions; `queue_size` more may wait."""
+    """Runs requests on `model` in `slots` cache rows of `context` positions; `queue_size` more may wait.
+    It steps on a thread of its own, or, with `thread=False`, wherever its owner calls `run`."""
 
-    def __init__(self, model, slots: int = 4, context: int = 2048, queue_size: int = 64):
+    def __init__(self, model, slots: int = 4, context: int = 2048, queue_size: int = 64, thread: bool = True):
         self.model, self.context = model, context
         caches = model.new_caches(slots, context)
         self.rows = [[c.row(b) for c in caches] for b in range(slots)]  # per slot, per layer
         self.slots: list[_Slot | None] = [None] * slots
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
         self.wake, self.closed = threading.Event(), False
-        self.thread = threading.Thread(target=self._run, name="pocketquant-batch", daemon=True)
-        self.thread.start()
+        self.thread = None
+        if thread:
+            self.thread = threading.Thread(target=self.run, name="pocketquant-batch", daemon=True)
+            self.thread.start()
 
     def submit(self, request: Request) -> bool:
         """Queue a request; False when the queue is full."""
@@ -62,11 +66,13 @@ class BatchEngine:
     def close(self):
         self.closed = True
         self.wake.set()
-        self.thread.join(timeout=10)
+        if self.thread is not None:
+            self.thread.join(timeout=10)
 
     @torch.inference_mode()
-    def _run(self):
-        while not self.closed:
+    def run(self, running: Callable[[], bool] = lambda: True):
+        """Admit and step requests until `close()`, or until `running()` turns false."""
+        while not self.closed and running():
             self._admit()
             active = [b for b, s in enumerate(self.slots) if s is not None]
             if active:
