@@ -122,9 +122,9 @@ int pq_prefill_attention(const float *q, int64_t sq_t, int64_t sq_h, const float
     float scale = 1.0f / sqrtf((float)D);
     float *kt = malloc(sizeof(float) * KV * S8 * D);
     if (!kt) return -1;
-    int failed = 0, vector = 0;
+    int failed = 0;
 #if defined(PQ_X86) && !defined(PQ_EMULATE)
-    vector = avx2_fma();
+    int vector = avx2_fma();
 #endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t j = 0; j < KV; j++) transpose_keys(k + j * sk_h, sk_t, S, D, kt + j * S8 * D);

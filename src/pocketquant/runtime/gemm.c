@@ -86,8 +86,13 @@ const pq_kernels pq_portable_kernels = {"portable", always, 4, 4, w4_portable, w
 
 /* ---- the table, chosen once ----------------------------------------------------------------------- */
 
+/* This architecture's paths, best first */
+#if defined(__aarch64__) && !defined(PQ_EMULATE)
+static const pq_kernels *const table[] = {&pq_dotprod_kernels, &pq_neon_kernels, &pq_portable_kernels};
+#else
 static const pq_kernels *const table[] = {&pq_avx512_kernels, &pq_avxvnni_kernels, &pq_avx2_kernels,
                                           &pq_portable_kernels};
+#endif
 enum { PATHS = sizeof table / sizeof table[0] };
 static const pq_kernels *current;
 

@@ -25,7 +25,7 @@ static int omp_get_num_threads(void) { return 1; }
 
 /* ---- per-token activation quantization (bit-exact with numerics.quantize_per_token) ---------------- */
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+PQ_CLONES_AVX512
 void pq_quantize_rows(const float *x, int64_t M, int64_t K, uint8_t *qa, float *scale, int32_t *zp, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (M > 1 && threads > 1)
     for (int64_t m = 0; m < M; m++) {
@@ -166,7 +166,7 @@ static float softmax_weights(float *probs, int64_t T, float mx, const pq_cache *
     return shift;
 }
 
-__attribute__((target_clones("avx2", "default")))
+PQ_CLONES_AVX2
 static void attend_head(const float *qh, const pq_cache *C, int64_t j, float *oh, float *probs, int64_t D,
                         int64_t pos) {
     float inv = 1.0f / sqrtf((float)D), mx = -INFINITY, qsum = 0.0f;

@@ -39,7 +39,8 @@ typedef struct {
     int attention512;   /* the decode attention may use AVX-512 */
 } pq_kernels;
 
-extern const pq_kernels pq_portable_kernels, pq_avx2_kernels, pq_avxvnni_kernels, pq_avx512_kernels;
+extern const pq_kernels pq_portable_kernels, pq_avx2_kernels, pq_avxvnni_kernels, pq_avx512_kernels,
+    pq_dotprod_kernels, pq_neon_kernels;
 const pq_kernels *pq_current(void);
 void pq_quantize_rows(const float *x, int64_t M, int64_t K, uint8_t *qa, float *scale, int32_t *zp, int threads);
 void pq_linear_w4(const uint8_t *qa, const float *as, const int32_t *azp, int64_t M, int64_t K,
@@ -73,11 +74,16 @@ static inline float fp16_to_fp32(uint16_t h) {
     return f;
 }
 
-/* Loops that auto-vectorize get an AVX2 + FMA clone on x86 (fmaf becomes vfmadd); elsewhere plain C. */
+/* Loops that auto-vectorize get an AVX2 + FMA clone on x86 (fmaf becomes vfmadd), some an AVX-512 or plain
+ * AVX2 one; elsewhere (Arm: NEON is the baseline) plain C. */
 #if defined(PQ_X86) && !defined(PQ_EMULATE)
 #define PQ_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define PQ_CLONES_AVX2 __attribute__((target_clones("avx2", "default")))
+#define PQ_CLONES_AVX512 __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define PQ_CLONES
+#define PQ_CLONES_AVX2
+#define PQ_CLONES_AVX512
 #endif
 
 /* e^x for x <= 0 (softmax after subtracting the max), written so that loops over it vectorize:

@@ -1,0 +1,76 @@
+/* Runs the kernels on cases read from stdin and writes their outputs to stdout, on the path argv[1] names
+ * (exit 3 when this CPU cannot run it). Built for aarch64 and run under qemu by tests/test_arm.py, which
+ * writes the cases and compares the outputs with the x86 build's, bit for bit.
+ *
+ * A case: int64 kind, M, K, N, group, then
+ *   kind 0 (activation quantization): float x [M, K]            -> u8 qa [M, K], float scale [M], int32 zp [M]
+ *   kind 4 (int4 linear): u8 qa [M, K], float scale [M], int32 zp [M], u8 w [P, K * 8],
+ *                         u16 scales [P, K / group * 16], float rowcorr [P * 16]   -> float y [M, N]
+ *   kind 8 (int8 linear): u8 qa, float scale, int32 zp as above, int8 w [P, K * 16], float scales [P * 16],
+ *                         int32 wsum [P * 16]                                   -> float y [M, N]
+ * where P = ceil(N / 16). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../src/pocketquant/runtime/kernels.h"
+
+int pq_path_count(void);
+const char *pq_path_name(int i);
+int pq_select(int i);
+void pq_linear_w8(const uint8_t *qa, const float *as, const int32_t *azp, int64_t M, int64_t K, const int8_t *w,
+                  const float *ws, const int32_t *wsum, float *y, int64_t N, int threads);
+
+static void *take(size_t bytes) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p || fread(p, 1, bytes, stdin) != bytes) {
+        fprintf(stderr, "short input\n");
+        exit(2);
+    }
+    return p;
+}
+
+static void give(const void *p, size_t bytes) { fwrite(p, 1, bytes, stdout); }
+
+int main(int argc, char **argv) {
+    int path = -1;
+    for (int i = 0; argc > 1 && i < pq_path_count(); i++)
+        if (!strcmp(pq_path_name(i), argv[1])) path = i;
+    if (path < 0) {
+        fprintf(stderr, "unknown path\n");
+        return 2;
+    }
+    if (pq_select(path) < 0) return 3;
+    int64_t h[5];
+    while (fread(h, sizeof h, 1, stdin) == 1) {
+        int64_t kind = h[0], M = h[1], K = h[2], N = h[3], group = h[4], P = (N + PANEL - 1) / PANEL;
+        if (kind == 0) {
+            float *x = take(sizeof(float) * M * K), *scale = malloc(sizeof(float) * M);
+            uint8_t *qa = malloc(M * K);
+            int32_t *zp = malloc(sizeof(int32_t) * M);
+            pq_quantize_rows(x, M, K, qa, scale, zp, 2);
+            give(qa, M * K), give(scale, sizeof(float) * M), give(zp, sizeof(int32_t) * M);
+            free(x), free(scale), free(qa), free(zp);
+            continue;
+        }
+        uint8_t *qa = take(M * K);
+        float *as = take(sizeof(float) * M), *y = malloc(sizeof(float) * M * N);
+        int32_t *azp = take(sizeof(int32_t) * M);
+        if (kind == 4) {
+            uint8_t *w = take(P * K * 8);
+            uint16_t *ws = take(sizeof(uint16_t) * P * (K / group) * PANEL);
+            float *rowcorr = take(sizeof(float) * P * PANEL);
+            pq_linear_w4(qa, as, azp, M, K, w, ws, rowcorr, group, y, N, 2);
+            free(w), free(ws), free(rowcorr);
+        } else {
+            int8_t *w = take(P * K * PANEL);
+            float *ws = take(sizeof(float) * P * PANEL);
+            int32_t *wsum = take(sizeof(int32_t) * P * PANEL);
+            pq_linear_w8(qa, as, azp, M, K, w, ws, wsum, y, N, 2);
+            free(w), free(ws), free(wsum);
+        }
+        give(y, sizeof(float) * M * N);
+        free(qa), free(as), free(azp), free(y);
+    }
+    return 0;
+}
