@@ -1,6 +1,7 @@
-"""The Arm kernels, cross-compiled for aarch64 and run under qemu-user, against this (x86) build bit for bit:
-activation quantization and the int4 / int8 linear layers on odd shapes, on every Arm path each emulated CPU
-runs (cortex-a53: ARMv8.0, no dot product instructions; neoverse-n1: dotprod; max: everything qemu knows).
+"""The Arm kernels, cross-compiled for aarch64 and run under qemu-user, against this (x86) build: activation
+quantization and the int4 / int8 linear layers on odd shapes bit for bit, on every Arm path each emulated CPU
+runs (cortex-a53: ARMv8.0, no dot product instructions; neoverse-n1: dotprod; max: everything qemu knows), and
+decode steps of a whole (tiny, rotated) model logit by logit.
 Needs Debian's gcc-aarch64-linux-gnu and qemu-user; skipped with the reason when they are missing. Also: the
 optional extension is built wherever a compiler is."""
 
@@ -14,7 +15,7 @@ import torch
 
 from pocketquant.layers import QuantLinear
 from pocketquant.runtime import kernels
-from pocketquant.runtime.engine import FastLinear, SharedActivations
+from pocketquant.runtime.engine import PROJECTIONS, FastLinear, SharedActivations
 from pocketquant.scheme import ActSpec, LinearSpec, WeightSpec
 
 GCC, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
@@ -94,3 +95,65 @@ def test_every_arm_path_gives_this_builds_bits(driver, cpu, runs, refuses):
                 diff = np.frombuffer(got, np.uint8) != np.frombuffer(want, np.uint8)
                 pytest.fail(f"{cpu}/{path}: case {i} differs in {int(diff.sum())} of {len(want)} bytes")
         assert at == len(out)
+
+
+def _decode_case(model, steps: int, batch: int, max_t: int):
+    """(input bytes, the hidden states this build's native decode step gives after each step) for `batch`
+    sequences decoded together from position 0, each from its own tokens."""
+    c, fd = model.config, model.fused_decode
+    first = model.layers[0].self_attn.q_proj
+    cache = model.new_caches(1, max_t)[0]
+    m = fd.layers[0].had_down_m
+    parts = [torch.tensor([1, c.n_layers, batch, steps, max_t, c.dim, c.n_heads, c.n_kv_heads, c.head_dim,
+                           c.ffn_dim, cache.bits or 0, m, int(c.hadamard_qk)]),
+             torch.tensor([model.layers[0].input_layernorm.eps], dtype=torch.float32), fd.inv_freq.float()]
+    if m:
+        parts.append(fd.had_down.float())
+    for layer in model.layers:
+        parts += [layer.input_layernorm.weight.float(), layer.post_attention_layernorm.weight.float()]
+        for name in PROJECTIONS:
+            f = layer.get_submodule(name)
+            parts += [torch.tensor([f.out_features, f.in_features, f.group]), f.packed, f.scales, f.rowcorr]
+    assert first.bits == 4
+    caches = model.new_caches(batch, max_t)
+    rows = [[cache.row(b) for cache in caches] for b in range(batch)]
+    by_layer = [list(layer) for layer in zip(*rows)]
+    tokens = torch.randint(0, c.vocab_size, (steps, batch), generator=G)
+    outs = []
+    for s in range(steps):
+        pos = torch.full((batch,), s, dtype=torch.int64)
+        x = model.embed_tokens(tokens[s][:, None]).float()
+        parts += [pos, x.reshape(batch, -1)]
+        outs.append(fd(x, by_layer, pos).reshape(batch, -1))
+    return _bytes(*parts), outs
+
+
+@needs_cross_tools
+@pytest.mark.parametrize("kv_cache_bits", [None, 8])
+def test_decode_steps_on_arm_give_this_builds_logits(driver, tiny_text_dir, tmp_path, kv_cache_bits):
+    """A rotated model (R4 on down_proj's input, and R3 with an int8 KV cache), three sequences per step: the
+    Arm build's hidden states after every step give this build's logits (attention and softmax sum in a
+    vector-width order of their own, so equal to float rounding, not to the bit)."""
+    from pocketquant.checkpoints import load_model
+    from pocketquant.checkpoints.packed import save_packed
+    from pocketquant.quant import rtn, spinquant
+    from pocketquant.runtime import load
+
+    scheme = rtn.RTNConfig().scheme.replace(kv_cache_bits=kv_cache_bits)
+    config = spinquant.SpinQuantConfig(scheme, learn=False)
+    model, *_ = spinquant.prepare(load_model(tiny_text_dir[0]).model, config, None)
+    path = save_packed(tmp_path / "q.safetensors", rtn.apply(model, rtn.RTNConfig(scheme)), scheme,
+                       [config.to_dict()])
+    model = load(path).model
+    with torch.inference_mode():
+        given, want = _decode_case(model, steps=8, batch=3, max_t=16)
+        for cpu, runs, _ in CPUS[::2]:  # without and with the dot product instructions
+            for path_name in runs:
+                run = subprocess.run([QEMU, "-cpu", cpu, str(driver), path_name], input=given, capture_output=True,
+                                     timeout=600)
+                assert run.returncode == 0, run.stderr.decode()
+                got = torch.from_numpy(np.frombuffer(run.stdout, np.float32).copy()).view(len(want), *want[0].shape)
+                for s, (a, b) in enumerate(zip(got, want)):
+                    la, lb = (model.lm_head(model.norm(h[:, None]))[:, 0] for h in (a, b))
+                    torch.testing.assert_close(la, lb, atol=1e-4 * lb.abs().max().item(), rtol=0,
+                                               msg=lambda m: f"{cpu}/{path_name}, step {s}: {m}")

@@ -8,7 +8,13 @@
  *                         u16 scales [P, K / group * 16], float rowcorr [P * 16]   -> float y [M, N]
  *   kind 8 (int8 linear): u8 qa, float scale, int32 zp as above, int8 w [P, K * 16], float scales [P * 16],
  *                         int32 wsum [P * 16]                                   -> float y [M, N]
- * where P = ceil(N / 16). */
+ * where P = ceil(N / 16), or
+ *   kind 1 (decode steps of a whole model): n layers, B sequences, S steps, caches of max_t positions, int64
+ *     dim, n_heads, n_kv, head_dim, ffn, cache bits (0: float32), had_down_m, had_qk, float eps,
+ *     float inv_freq [head_dim / 2], float had_down [had_down_m ^ 2]; per layer float attn_norm [dim],
+ *     ffn_norm [dim] and per projection (q k v o gate up down) int64 N, K, group and its int4 panels, scales
+ *     and rowcorr as in kind 4; then per step int64 pos [B] and float x [B, dim]     -> float x [B, dim] each
+ *   (header: kind, n, B, S, max_t). A test's short run: nothing is freed. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +38,44 @@ static void *take(size_t bytes) {
 
 static void give(const void *p, size_t bytes) { fwrite(p, 1, bytes, stdout); }
 
+static void decode(int64_t n, int64_t B, int64_t S, int64_t max_t) {
+    int64_t *c = take(sizeof(int64_t) * 8);
+    int64_t dim = c[0], D = c[3], KV = c[2], bits = c[5], m = c[6];
+    float *eps = take(sizeof(float)), *inv_freq = take(sizeof(float) * D / 2);
+    float *had = m ? take(sizeof(float) * m * m) : NULL;
+    pq_layer *layers = calloc(n, sizeof(pq_layer));
+    for (int64_t i = 0; i < n; i++) {
+        pq_layer *L = layers + i;
+        L->dim = dim, L->n_heads = c[1], L->n_kv = KV, L->head_dim = D, L->ffn = c[4], L->eps = *eps;
+        L->had_down_m = m, L->had_qk = c[7], L->had_down = had;
+        L->attn_norm = take(sizeof(float) * dim), L->ffn_norm = take(sizeof(float) * dim);
+        for (int j = 0; j < 7; j++) {
+            int64_t *shape = take(sizeof(int64_t) * 3), P = (shape[0] + PANEL - 1) / PANEL, K = shape[1];
+            L->g[j] = shape[2];
+            L->w[j] = take(P * K * 8);
+            L->s[j] = take(sizeof(uint16_t) * P * (K / shape[2]) * PANEL);
+            L->c[j] = take(sizeof(float) * P * PANEL);
+        }
+    }
+    pq_cache *caches = calloc(n * B, sizeof(pq_cache));
+    const pq_cache **by = malloc(sizeof(pq_cache *) * n * B);
+    size_t values = KV * max_t * D, size = bits ? 1 : sizeof(float);
+    for (int64_t i = 0; i < n * B; i++) {
+        pq_cache *C = caches + i;
+        C->k = calloc(values, size), C->v = calloc(values, size), C->max_t = max_t, C->bits = bits;
+        C->k_scale = calloc(KV * max_t, sizeof(float)), C->k_zero = calloc(KV * max_t, sizeof(float));
+        C->v_scale = calloc(KV * max_t, sizeof(float)), C->v_zero = calloc(KV * max_t, sizeof(float));
+        by[i] = C;
+    }
+    float *scratch = malloc(sizeof(float) * pq_decode_scratch(layers, B, max_t));
+    for (int64_t step = 0; step < S; step++) {
+        int64_t *pos = take(sizeof(int64_t) * B);
+        float *x = take(sizeof(float) * B * dim);
+        pq_decode_layers(layers, by, n, B, x, pos, max_t, inv_freq, scratch, 2);
+        give(x, sizeof(float) * B * dim);
+    }
+}
+
 int main(int argc, char **argv) {
     int path = -1;
     for (int i = 0; argc > 1 && i < pq_path_count(); i++)
@@ -44,6 +88,10 @@ int main(int argc, char **argv) {
     int64_t h[5];
     while (fread(h, sizeof h, 1, stdin) == 1) {
         int64_t kind = h[0], M = h[1], K = h[2], N = h[3], group = h[4], P = (N + PANEL - 1) / PANEL;
+        if (kind == 1) {
+            decode(M, K, N, group);
+            continue;
+        }
         if (kind == 0) {
             float *x = take(sizeof(float) * M * K), *scale = malloc(sizeof(float) * M);
             uint8_t *qa = malloc(M * K);

@@ -50,6 +50,14 @@ const pq_kernels pq_neon_kernels = {"neon", always, ARM_TILE, ARM_TILE, w4_neon,
 
 /* ---- dotprod: udot ------------------------------------------------------------------------------- */
 
+/* clang before 17 declares the dot product intrinsics only in builds that target the extension throughout
+ * (Apple's arm64 targets do); elsewhere it builds the neon path alone */
+#if defined(__clang__) && __clang_major__ < 17 && !defined(__ARM_FEATURE_DOTPROD)
+#define PQ_NO_DOTPROD 1
+#endif
+
+#ifndef PQ_NO_DOTPROD
+
 #ifdef __clang__
 #pragma clang attribute push(__attribute__((target("dotprod"))), apply_to = function)
 #else
@@ -95,5 +103,9 @@ static int has_dotprod(void) { return 0; }
 #endif
 
 const pq_kernels pq_dotprod_kernels = {"dotprod", has_dotprod, ARM_TILE, ARM_TILE, w4_dotprod, w8_dotprod, 0};
+#else
+static int never(void) { return 0; }
+const pq_kernels pq_dotprod_kernels = {"dotprod", never, 1, 1, 0, 0, 0};
+#endif
 
 #endif

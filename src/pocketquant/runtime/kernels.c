@@ -45,7 +45,7 @@ void pq_quantize_rows(const float *x, int64_t M, int64_t K, uint8_t *qa, float *
         uint8_t *out = qa + m * K;
 #pragma omp simd
         for (int64_t k = 0; k < K; k++) {
-            float q = __builtin_roundevenf(row[k] / s) + z; /* = nearbyintf in the default rounding mode */
+            float q = PQ_ROUNDEVEN(row[k] / s) + z;
             q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
             out[k] = (uint8_t)(int)(q + 128.0f);
         }
@@ -85,29 +85,7 @@ void pq_hadamard(float *x, int64_t M, int64_t n, int64_t m, const float *hm) {
 
 /* ---- one whole decoder layer for one token (decode): no Python between its steps ----------------- */
 
-typedef struct {
-    int64_t dim, n_heads, n_kv, head_dim, ffn;
-    float eps;
-    const float *attn_norm, *ffn_norm;
-    /* the seven projections in the order q, k, v, o, gate, up, down: int4 (Q4_0 layout), float16 scales,
-     * per-row corrections (see pq_linear_w4), group sizes */
-    const uint8_t *w[7];
-    const uint16_t *s[7];
-    const float *c[7];
-    int64_t g[7];
-    /* online rotations of a rotated (SpinQuant) model: R4 on down_proj's input, R3 on queries and keys
-     * (pq_hadamard's m and H_m; had_down_m 0 = none) */
-    int64_t had_down_m, had_qk;
-    const float *had_down;
-} pq_layer;
-
-/* One layer's KV cache, [n_kv, max_t, head_dim] each: float32, or (bits 8) int8 values with a float32
- * scale and zero point per token and head ([n_kv, max_t]): value = (q - zero) * scale. */
-typedef struct {
-    void *k, *v;
-    float *k_scale, *k_zero, *v_scale, *v_zero;
-    int64_t max_t, bits;
-} pq_cache;
+/* pq_layer and pq_cache are in kernels.h */
 
 static void rms_norm(const float *x, const float *w, float eps, int64_t n, float *out) {
     double ss = 0.0; /* float64 sum, then float32 as torch's mean of float32 squares (close, not exact) */

@@ -50,6 +50,35 @@ void pq_linear_w4_share(const uint8_t *qa, const float *as, const int32_t *azp, 
                         const uint8_t *w, const uint16_t *ws, const float *rowcorr, int64_t group, float *y,
                         int64_t N, int t, int threads);
 
+/* A decoder layer's weights and settings for the native decode step (mirrored by kernels.LayerParams) */
+typedef struct {
+    int64_t dim, n_heads, n_kv, head_dim, ffn;
+    float eps;
+    const float *attn_norm, *ffn_norm;
+    /* the seven projections in the order q, k, v, o, gate, up, down: int4 (Q4_0 layout), float16 scales,
+     * per-row corrections (see pq_linear_w4), group sizes */
+    const uint8_t *w[7];
+    const uint16_t *s[7];
+    const float *c[7];
+    int64_t g[7];
+    /* online rotations of a rotated (SpinQuant) model: R4 on down_proj's input, R3 on queries and keys
+     * (pq_hadamard's m and H_m; had_down_m 0 = none) */
+    int64_t had_down_m, had_qk;
+    const float *had_down;
+} pq_layer;
+
+/* One layer's KV cache, [n_kv, max_t, head_dim] each: float32, or (bits 8) int8 values with a float32
+ * scale and zero point per token and head ([n_kv, max_t]): value = (q - zero) * scale. */
+typedef struct {
+    void *k, *v;
+    float *k_scale, *k_zero, *v_scale, *v_zero;
+    int64_t max_t, bits;
+} pq_cache;
+
+int64_t pq_decode_scratch(const pq_layer *L, int64_t B, int64_t max_t);
+void pq_decode_layers(const pq_layer *layers, const pq_cache *const *caches, int64_t n, int64_t B, float *x,
+                      const int64_t *pos, int64_t max_t, const float *inv_freq, float *scratch, int threads);
+
 #if defined(__x86_64__) || defined(_M_X64)
 #define PQ_X86 1
 #endif
@@ -74,6 +103,18 @@ static inline float fp16_to_fp32(uint16_t h) {
     return f;
 }
 
+/* Round half to even, as the default rounding mode does: the compiler's builtin where it has one (it becomes one
+ * instruction in vectorized loops), else nearbyintf (clang before 15). */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_roundevenf)
+#define PQ_ROUNDEVEN __builtin_roundevenf
+#endif
+#endif
+#ifndef PQ_ROUNDEVEN
+#include <math.h>
+#define PQ_ROUNDEVEN nearbyintf
+#endif
+
 /* Loops that auto-vectorize get an AVX2 + FMA clone on x86 (fmaf becomes vfmadd), some an AVX-512 or plain
  * AVX2 one; elsewhere (Arm: NEON is the baseline) plain C. */
 #if defined(PQ_X86) && !defined(PQ_EMULATE)
@@ -90,7 +131,7 @@ static inline float fp16_to_fp32(uint16_t h) {
  * 2^(x log2 e) = 2^n * 2^f with a degree-6 polynomial for 2^f, f in [-0.5, 0.5] (relative error ~2e-7). */
 static inline float exp_neg(float x) {
     x = x < -87.0f ? -87.0f : x;
-    float t = x * 1.44269504f, n = __builtin_roundevenf(t), f = t - n;
+    float t = x * 1.44269504f, n = PQ_ROUNDEVEN(t), f = t - n;
     float p = 1.5403530e-4f;
     p = p * f + 1.3333558e-3f;
     p = p * f + 9.6181291e-3f;
