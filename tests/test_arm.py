@@ -1,6 +1,6 @@
 """The Arm kernels, cross-compiled for aarch64 and run under qemu-user, against this (x86) build: activation
 quantization and the int4 / int8 linear layers on odd shapes bit for bit, on every Arm path each emulated CPU
-runs (cortex-a53: ARMv8.0, no dot product instructions; neoverse-n1: dotprod; max: everything qemu knows), and
+runs (cortex-a53: ARMv8.0, no dot product instructions; neoverse-n1: dotprod; max: i8mm too), and
 decode steps of a whole (tiny, rotated) model logit by logit.
 Needs Debian's gcc-aarch64-linux-gnu and qemu-user; skipped with the reason when they are missing. Also: the
 optional extension is built wherever a compiler is."""
@@ -24,8 +24,9 @@ needs_cross_tools = pytest.mark.skipif(not (GCC and QEMU and kernels.available()
                                               "gcc-aarch64-linux-gnu qemu-user) and this build's kernels")
 SOURCES = Path(kernels.__file__).parent
 # (CPU, the Arm paths it must run, the paths it must refuse)
-CPUS = [("cortex-a53", ["neon", "portable"], ["dotprod"]), ("neoverse-n1", ["dotprod", "neon", "portable"], []),
-        ("max", ["dotprod", "neon", "portable"], [])]
+CPUS = [("cortex-a53", ["neon", "portable"], ["i8mm", "dotprod"]),
+        ("neoverse-n1", ["dotprod", "neon", "portable"], ["i8mm"]),
+        ("max", ["i8mm", "dotprod", "neon", "portable"], [])]
 G = torch.Generator().manual_seed(0)
 
 

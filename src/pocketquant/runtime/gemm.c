@@ -88,7 +88,8 @@ const pq_kernels pq_portable_kernels = {"portable", always, 4, 4, w4_portable, w
 
 /* This architecture's paths, best first */
 #if defined(__aarch64__) && !defined(PQ_EMULATE)
-static const pq_kernels *const table[] = {&pq_dotprod_kernels, &pq_neon_kernels, &pq_portable_kernels};
+static const pq_kernels *const table[] = {&pq_i8mm_kernels, &pq_dotprod_kernels, &pq_neon_kernels,
+                                          &pq_portable_kernels};
 #else
 static const pq_kernels *const table[] = {&pq_avx512_kernels, &pq_avxvnni_kernels, &pq_avx2_kernels,
                                           &pq_portable_kernels};

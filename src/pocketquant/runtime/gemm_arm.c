@@ -1,9 +1,11 @@
-/* Arm (AArch64) micro-kernels over packed panels (layout in kernels.h). A token's 4 activation bytes are
- * broadcast against 4 inputs of 4 rows, so each 32-bit lane sums one row, as on x86. Two ways to take the
- * dot products: `dotprod` (udot, ARMv8.2's dot product extension: 16 products per instruction) and `neon`
- * (widening multiplies and pairwise adds, any AArch64 CPU). Both compute the integers of kernels.h exactly
- * and then the same float operations, so every path gives the same bits. The path is chosen at run time
- * from the CPU's features (getauxval on Linux, sysctl on macOS). */
+/* Arm (AArch64) micro-kernels over packed panels (layout in kernels.h), three ways, chosen at run time from the
+ * CPU's features (getauxval on Linux, sysctl on macOS):
+ *   i8mm     usmmla (ARMv8.6's matrix multiply): two tokens by two rows by 8 inputs per instruction;
+ *   dotprod  udot (ARMv8.2's dot product): a token's 4 activation bytes broadcast against 4 inputs of 4 rows,
+ *            each 32-bit lane summing one row, as on x86;
+ *   neon     the same with widening multiplies and pairwise adds (any AArch64 CPU).
+ * All compute the integers of kernels.h exactly and then the same float operations, so every path gives the
+ * same bits. */
 #include "kernels.h"
 
 #if defined(__aarch64__) && !defined(PQ_EMULATE)
@@ -48,15 +50,42 @@ static int always(void) { return 1; }
 
 const pq_kernels pq_neon_kernels = {"neon", always, ARM_TILE, ARM_TILE, w4_neon, w8_neon, 0};
 
-/* ---- dotprod: udot ------------------------------------------------------------------------------- */
-
-/* clang before 17 declares the dot product intrinsics only in builds that target the extension throughout
- * (Apple's arm64 targets do); elsewhere it builds the neon path alone */
+/* clang before 17 declares the dot product (and matrix) intrinsics only in builds that target the extensions
+ * throughout (Apple's arm64 targets do); elsewhere it builds the neon path alone */
 #if defined(__clang__) && __clang_major__ < 17 && !defined(__ARM_FEATURE_DOTPROD)
 #define PQ_NO_DOTPROD 1
 #endif
 
 #ifndef PQ_NO_DOTPROD
+
+/* ---- what this CPU has ------------------------------------------------------------------------------- */
+
+#if defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#ifndef HWCAP2_I8MM
+#define HWCAP2_I8MM (1 << 13)
+#endif
+static int has_dotprod(void) { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
+static int has_i8mm(void) { return has_dotprod() && (getauxval(AT_HWCAP2) & HWCAP2_I8MM) != 0; }
+#elif defined(__APPLE__)
+#include <sys/sysctl.h>
+static int feature(const char *name) {
+    int on = 0;
+    size_t size = sizeof on;
+    return sysctlbyname(name, &on, &size, NULL, 0) == 0 && on;
+}
+static int has_dotprod(void) { return feature("hw.optional.arm.FEAT_DotProd"); }
+static int has_i8mm(void) { return has_dotprod() && feature("hw.optional.arm.FEAT_I8MM"); }
+#else
+static int has_dotprod(void) { return 0; }
+static int has_i8mm(void) { return 0; }
+#endif
+
+/* ---- dotprod: udot ------------------------------------------------------------------------------- */
+
 
 #ifdef __clang__
 #pragma clang attribute push(__attribute__((target("dotprod"))), apply_to = function)
@@ -85,27 +114,136 @@ static INLINE uint32x4_t dot_udot(uint32x4_t acc, uint8x16_t w, uint8x16_t a) { 
 #pragma GCC pop_options
 #endif
 
-#if defined(__linux__)
-#include <sys/auxv.h>
-#ifndef HWCAP_ASIMDDP
-#define HWCAP_ASIMDDP (1 << 20)
-#endif
-static int has_dotprod(void) { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
-#elif defined(__APPLE__)
-#include <sys/sysctl.h>
-static int has_dotprod(void) {
-    int on = 0;
-    size_t size = sizeof on;
-    return sysctlbyname("hw.optional.arm.FEAT_DotProd", &on, &size, NULL, 0) == 0 && on;
-}
+const pq_kernels pq_dotprod_kernels = {"dotprod", has_dotprod, ARM_TILE, ARM_TILE, w4_dotprod, w8_dotprod, 0};
+
+/* ---- i8mm: usmmla, a 2 x 8 (two tokens) by 8 x 2 (two rows) product of unsigned by signed bytes -------
+ * Two consecutive 4-input steps of the panel layout, interleaved 4 bytes at a time (zip), hold 8 consecutive
+ * inputs of two rows: the 8 x 2 operand. Each instruction does 32 products, twice udot's, and the products
+ * are u8 x s8 as on x86, so the integers need no correction. */
+
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("i8mm,dotprod"))), apply_to = function)
 #else
-static int has_dotprod(void) { return 0; }
+#pragma GCC push_options
+#pragma GCC target("arch=armv8.2-a+dotprod+i8mm")
 #endif
 
-const pq_kernels pq_dotprod_kernels = {"dotprod", has_dotprod, ARM_TILE, ARM_TILE, w4_dotprod, w8_dotprod, 0};
+/* Two tokens' (a0, a1; equal for an odd last token) 8 bytes from offset `at` */
+static INLINE uint8x16_t token_pair(const uint8_t *a0, const uint8_t *a1, int64_t at) {
+    return vcombine_u8(vld1_u8(a0 + at), vld1_u8(a1 + at));
+}
+
+/* The rows 4k..4k+3 of steps j and j + 1 (vectors x and y: 4 rows x 4 inputs each) as two 8 x 2 operands */
+static INLINE void row_pairs(int8x16_t x, int8x16_t y, int8x16_t out[2]) {
+    int32x4_t xi = vreinterpretq_s32_s8(x), yi = vreinterpretq_s32_s8(y);
+    out[0] = vreinterpretq_s8_s32(vzip1q_s32(xi, yi)); /* rows 4k, 4k+1 */
+    out[1] = vreinterpretq_s8_s32(vzip2q_s32(xi, yi)); /* rows 4k+2, 4k+3 */
+}
+
+/* Tokens pair p of a tile (the last token twice when n is odd) */
+#define PAIR(p) a + (2 * (p)) * lda, a + (2 * (p) + 1 < n ? 2 * (p) + 1 : 2 * (p)) * lda
+
+static INLINE void w4_tile_i8mm(const uint8_t *a, int64_t lda, const int n, int64_t K, const uint8_t *w,
+                                const uint16_t *s, int64_t per, float acc[][PANEL]) {
+    const uint8x16_t nib = vdupq_n_u8(15);
+    const int8x16_t eight = vdupq_n_s8(8);
+    const int pairs = (n + 1) / 2;
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < 4; k++) vst1q_f32(acc[i] + 4 * k, vdupq_n_f32(0.0f));
+    for (int64_t b = 0; b < K / 32; b++) {
+        const uint8_t *blk = w + b * 256;
+        const uint16_t *sb = s + (b / per) * PANEL;
+        uint8x16_t x[2][2][2]; /* [token pair][chunk pair q][low or high nibbles]: inputs 16h + 8q .. +8 */
+        for (int p = 0; p < pairs; p++)
+            for (int q = 0; q < 2; q++)
+                for (int h = 0; h < 2; h++) x[p][q][h] = token_pair(PAIR(p), 32 * b + 16 * h + 8 * q);
+        for (int k = 0; k < 4; k++) {
+            int32x4_t d[2][2]; /* [token pair][row pair]: lanes (t, r), (t, r + 1), (t + 1, r), (t + 1, r + 1) */
+            for (int p = 0; p < pairs; p++) d[p][0] = d[p][1] = vdupq_n_s32(0);
+            for (int q = 0; q < 2; q++) {
+                uint8x16_t r0 = vld1q_u8(blk + 64 * (2 * q) + 16 * k), r1 = vld1q_u8(blk + 64 * (2 * q + 1) + 16 * k);
+                int8x16_t lo[2], hi[2];
+                row_pairs(vsubq_s8(vreinterpretq_s8_u8(vandq_u8(r0, nib)), eight),
+                          vsubq_s8(vreinterpretq_s8_u8(vandq_u8(r1, nib)), eight), lo);
+                row_pairs(vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(r0, 4)), eight),
+                          vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(r1, 4)), eight), hi);
+                for (int p = 0; p < pairs; p++)
+                    for (int rp = 0; rp < 2; rp++) {
+                        d[p][rp] = vusmmlaq_s32(d[p][rp], x[p][q][0], lo[rp]);
+                        d[p][rp] = vusmmlaq_s32(d[p][rp], x[p][q][1], hi[rp]);
+                    }
+            }
+            for (int p = 0; p < pairs; p++)
+                for (int rp = 0; rp < 2; rp++) {
+                    int r = 4 * k + 2 * rp;
+                    float32x4_t dot = vcvtq_f32_s32(d[p][rp]);
+                    float32x2_t scale = vget_low_f32(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sb + r))));
+                    vst1_f32(acc[2 * p] + r, vfma_f32(vld1_f32(acc[2 * p] + r), vget_low_f32(dot), scale));
+                    if (2 * p + 1 < n)
+                        vst1_f32(acc[2 * p + 1] + r, vfma_f32(vld1_f32(acc[2 * p + 1] + r), vget_high_f32(dot), scale));
+                }
+        }
+    }
+}
+
+static INLINE void w8_tile_i8mm(const uint8_t *a, int64_t lda, const int n, int64_t K, const int8_t *w,
+                                int32_t acc[][PANEL]) {
+    const int pairs = (n + 1) / 2;
+    int32x4_t d[2][8]; /* [token pair][row pair] */
+    for (int p = 0; p < pairs; p++)
+        for (int rp = 0; rp < 8; rp++) d[p][rp] = vdupq_n_s32(0);
+    for (int64_t j = 0; j < K / 4; j += 2) { /* steps j and j + 1: inputs 4j .. 4j + 7 */
+        uint8x16_t x[2];
+        for (int p = 0; p < pairs; p++) x[p] = token_pair(PAIR(p), 4 * j);
+        for (int k = 0; k < 4; k++) {
+            int8x16_t rows[2];
+            row_pairs(vld1q_s8(w + 64 * j + 16 * k), vld1q_s8(w + 64 * (j + 1) + 16 * k), rows);
+            for (int p = 0; p < pairs; p++)
+                for (int h = 0; h < 2; h++) d[p][2 * k + h] = vusmmlaq_s32(d[p][2 * k + h], x[p], rows[h]);
+        }
+    }
+    for (int p = 0; p < pairs; p++)
+        for (int rp = 0; rp < 8; rp++) {
+            vst1_s32(acc[2 * p] + 2 * rp, vget_low_s32(d[p][rp]));
+            if (2 * p + 1 < n) vst1_s32(acc[2 * p + 1] + 2 * rp, vget_high_s32(d[p][rp]));
+        }
+}
+#undef PAIR
+
+static void w4_i8mm(const uint8_t *a, int64_t lda, int n, int64_t K, const uint8_t *w, const uint16_t *s,
+                    int64_t per, float acc[][PANEL]) {
+    switch (n) {
+        case 4: w4_tile_i8mm(a, lda, 4, K, w, s, per, acc); break;
+        case 3: w4_tile_i8mm(a, lda, 3, K, w, s, per, acc); break;
+        case 2: w4_tile_i8mm(a, lda, 2, K, w, s, per, acc); break;
+        default: w4_tile_i8mm(a, lda, 1, K, w, s, per, acc);
+    }
+}
+
+static void w8_i8mm(const uint8_t *a, int64_t lda, int n, int64_t K, const int8_t *w, int32_t acc[][PANEL]) {
+    if (K % 8) { /* an odd number of 4-input steps: udot's kernel */
+        w8_dotprod(a, lda, n, K, w, acc);
+        return;
+    }
+    switch (n) {
+        case 4: w8_tile_i8mm(a, lda, 4, K, w, acc); break;
+        case 3: w8_tile_i8mm(a, lda, 3, K, w, acc); break;
+        case 2: w8_tile_i8mm(a, lda, 2, K, w, acc); break;
+        default: w8_tile_i8mm(a, lda, 1, K, w, acc);
+    }
+}
+
+#ifdef __clang__
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+const pq_kernels pq_i8mm_kernels = {"i8mm", has_i8mm, ARM_TILE, ARM_TILE, w4_i8mm, w8_i8mm, 0};
 #else
 static int never(void) { return 0; }
 const pq_kernels pq_dotprod_kernels = {"dotprod", never, 1, 1, 0, 0, 0};
+const pq_kernels pq_i8mm_kernels = {"i8mm", never, 1, 1, 0, 0, 0};
 #endif
 
 #endif

@@ -40,7 +40,7 @@ typedef struct {
 } pq_kernels;
 
 extern const pq_kernels pq_portable_kernels, pq_avx2_kernels, pq_avxvnni_kernels, pq_avx512_kernels,
-    pq_dotprod_kernels, pq_neon_kernels;
+    pq_i8mm_kernels, pq_dotprod_kernels, pq_neon_kernels;
 const pq_kernels *pq_current(void);
 void pq_quantize_rows(const float *x, int64_t M, int64_t K, uint8_t *qa, float *scale, int32_t *zp, int threads);
 void pq_linear_w4(const uint8_t *qa, const float *as, const int32_t *azp, int64_t M, int64_t K,
