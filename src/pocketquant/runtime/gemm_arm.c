@@ -1,8 +1,8 @@
 /* Arm (AArch64) micro-kernels over packed panels (layout in kernels.h), three ways, chosen at run time from the
  * CPU's features (getauxval on Linux, sysctl on macOS):
  *   i8mm     usmmla (ARMv8.6's matrix multiply): two tokens by two rows by 8 inputs per instruction;
- *   dotprod  udot (ARMv8.2's dot product): a token's 4 activation bytes broadcast against 4 inputs of 4 rows,
- *            each 32-bit lane summing one row, as on x86;
+ *   dotprod  udot (ARMv8.2's dot product), by lane: a token's 4 activation bytes (one lane of a register
+ *            holding 16) against 4 inputs of 4 rows, each 32-bit lane summing one row, as on x86;
  *   neon     the same with widening multiplies and pairwise adds (any AArch64 CPU).
  * All compute the integers of kernels.h exactly and then the same float operations, so every path gives the
  * same bits. */
@@ -13,20 +13,6 @@
 
 #define ARM_TILE 4 /* tokens per micro-kernel call: 16 accumulators, 8 unpacked weight vectors */
 
-static INLINE uint8x16_t bcast4(const uint8_t *p) {
-    uint32_t v;
-    memcpy(&v, p, 4);
-    return vreinterpretq_u8_u32(vdupq_n_u32(v));
-}
-
-static INLINE uint32_t byte_sum(const uint8_t *p, int64_t n) {
-    uint32_t sum = 0;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) sum += vaddlvq_u8(vld1q_u8(p + i));
-    for (; i < n; i++) sum += p[i];
-    return sum;
-}
-
 /* ---- neon: u8 x u8 products widened to 16 bits, summed pairwise into each row's lane ---------------- */
 
 static INLINE uint32x4_t dot_neon(uint32x4_t acc, uint8x16_t w, uint8x16_t a) {
@@ -34,7 +20,7 @@ static INLINE uint32x4_t dot_neon(uint32x4_t acc, uint8x16_t w, uint8x16_t a) {
     return vaddq_u32(acc, vpaddq_u32(vpaddlq_u16(rows01), vpaddlq_u16(rows23)));
 }
 
-#define DOT dot_neon
+#define DOT(acc, w, a, c) dot_neon(acc, w, vreinterpretq_u8_u32(vdupq_laneq_u32(vreinterpretq_u32_u8(a), c)))
 #define W4 w4_neon
 #define W8 w8_neon
 #define W4_TILE w4_tile_neon
@@ -94,9 +80,7 @@ static int has_i8mm(void) { return 0; }
 #pragma GCC target("arch=armv8.2-a+dotprod")
 #endif
 
-static INLINE uint32x4_t dot_udot(uint32x4_t acc, uint8x16_t w, uint8x16_t a) { return vdotq_u32(acc, w, a); }
-
-#define DOT dot_udot
+#define DOT(acc, w, a, c) vdotq_laneq_u32(acc, w, a, c)
 #define W4 w4_dotprod
 #define W8 w8_dotprod
 #define W4_TILE w4_tile_dotprod
@@ -173,15 +157,16 @@ static INLINE void w4_tile_i8mm(const uint8_t *a, int64_t lda, const int n, int6
                         d[p][rp] = vusmmlaq_s32(d[p][rp], x[p][q][1], hi[rp]);
                     }
             }
-            for (int p = 0; p < pairs; p++)
-                for (int rp = 0; rp < 2; rp++) {
-                    int r = 4 * k + 2 * rp;
-                    float32x4_t dot = vcvtq_f32_s32(d[p][rp]);
-                    float32x2_t scale = vget_low_f32(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sb + r))));
-                    vst1_f32(acc[2 * p] + r, vfma_f32(vld1_f32(acc[2 * p] + r), vget_low_f32(dot), scale));
-                    if (2 * p + 1 < n)
-                        vst1_f32(acc[2 * p + 1] + r, vfma_f32(vld1_f32(acc[2 * p + 1] + r), vget_high_f32(dot), scale));
+            float32x4_t scale = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sb + 4 * k)));
+            for (int p = 0; p < pairs; p++) { /* regrouped by token: rows 4k..4k+3 of tokens 2p and 2p + 1 */
+                int64x2_t r01 = vreinterpretq_s64_s32(d[p][0]), r23 = vreinterpretq_s64_s32(d[p][1]);
+                int32x4_t t[2] = {vreinterpretq_s32_s64(vzip1q_s64(r01, r23)),
+                                  vreinterpretq_s32_s64(vzip2q_s64(r01, r23))};
+                for (int u = 0; u < 2 && 2 * p + u < n; u++) {
+                    float *out = acc[2 * p + u] + 4 * k;
+                    vst1q_f32(out, vfmaq_f32(vld1q_f32(out), vcvtq_f32_s32(t[u]), scale));
                 }
+            }
         }
     }
 }
@@ -210,26 +195,26 @@ static INLINE void w8_tile_i8mm(const uint8_t *a, int64_t lda, const int n, int6
 }
 #undef PAIR
 
+/* One token (a decode step) takes udot's kernel: a pair would waste half of every usmmla */
 static void w4_i8mm(const uint8_t *a, int64_t lda, int n, int64_t K, const uint8_t *w, const uint16_t *s,
                     int64_t per, float acc[][PANEL]) {
     switch (n) {
         case 4: w4_tile_i8mm(a, lda, 4, K, w, s, per, acc); break;
         case 3: w4_tile_i8mm(a, lda, 3, K, w, s, per, acc); break;
         case 2: w4_tile_i8mm(a, lda, 2, K, w, s, per, acc); break;
-        default: w4_tile_i8mm(a, lda, 1, K, w, s, per, acc);
+        default: w4_dotprod(a, lda, n, K, w, s, per, acc);
     }
 }
 
 static void w8_i8mm(const uint8_t *a, int64_t lda, int n, int64_t K, const int8_t *w, int32_t acc[][PANEL]) {
-    if (K % 8) { /* an odd number of 4-input steps: udot's kernel */
+    if (n == 1 || K % 8) { /* one token, or an odd number of 4-input steps */
         w8_dotprod(a, lda, n, K, w, acc);
         return;
     }
     switch (n) {
         case 4: w8_tile_i8mm(a, lda, 4, K, w, acc); break;
         case 3: w8_tile_i8mm(a, lda, 3, K, w, acc); break;
-        case 2: w8_tile_i8mm(a, lda, 2, K, w, acc); break;
-        default: w8_tile_i8mm(a, lda, 1, K, w, acc);
+        default: w8_tile_i8mm(a, lda, 2, K, w, acc);
     }
 }
 
