@@ -1,5 +1,5 @@
 /* Runs the kernels on cases read from stdin and writes their outputs to stdout, on the path argv[1] names
- * (exit 3 when this CPU cannot run it). Built for aarch64 and run under qemu by tests/test_arm.py, which
+ * (exit 3 when this CPU cannot run it), on 2 threads or PQ_THREADS. Built for aarch64 and run under qemu by tests/test_arm.py, which
  * writes the cases and compares the outputs with the x86 build's, bit for bit.
  *
  * A case: int64 kind, M, K, N, group, then
@@ -26,6 +26,8 @@ const char *pq_path_name(int i);
 int pq_select(int i);
 void pq_linear_w8(const uint8_t *qa, const float *as, const int32_t *azp, int64_t M, int64_t K, const int8_t *w,
                   const float *ws, const int32_t *wsum, float *y, int64_t N, int threads);
+
+static int threads = 2; /* PQ_THREADS overrides (1 for instruction counts) */
 
 static void *take(size_t bytes) {
     void *p = malloc(bytes ? bytes : 1);
@@ -71,7 +73,7 @@ static void decode(int64_t n, int64_t B, int64_t S, int64_t max_t) {
     for (int64_t step = 0; step < S; step++) {
         int64_t *pos = take(sizeof(int64_t) * B);
         float *x = take(sizeof(float) * B * dim);
-        pq_decode_layers(layers, by, n, B, x, pos, max_t, inv_freq, scratch, 2);
+        pq_decode_layers(layers, by, n, B, x, pos, max_t, inv_freq, scratch, threads);
         give(x, sizeof(float) * B * dim);
     }
 }
@@ -85,6 +87,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (pq_select(path) < 0) return 3;
+    if (getenv("PQ_THREADS")) threads = atoi(getenv("PQ_THREADS"));
     int64_t h[5];
     while (fread(h, sizeof h, 1, stdin) == 1) {
         int64_t kind = h[0], M = h[1], K = h[2], N = h[3], group = h[4], P = (N + PANEL - 1) / PANEL;
@@ -96,7 +99,7 @@ int main(int argc, char **argv) {
             float *x = take(sizeof(float) * M * K), *scale = malloc(sizeof(float) * M);
             uint8_t *qa = malloc(M * K);
             int32_t *zp = malloc(sizeof(int32_t) * M);
-            pq_quantize_rows(x, M, K, qa, scale, zp, 2);
+            pq_quantize_rows(x, M, K, qa, scale, zp, threads);
             give(qa, M * K), give(scale, sizeof(float) * M), give(zp, sizeof(int32_t) * M);
             free(x), free(scale), free(qa), free(zp);
             continue;
@@ -108,13 +111,13 @@ int main(int argc, char **argv) {
             uint8_t *w = take(P * K * 8);
             uint16_t *ws = take(sizeof(uint16_t) * P * (K / group) * PANEL);
             float *rowcorr = take(sizeof(float) * P * PANEL);
-            pq_linear_w4(qa, as, azp, M, K, w, ws, rowcorr, group, y, N, 2);
+            pq_linear_w4(qa, as, azp, M, K, w, ws, rowcorr, group, y, N, threads);
             free(w), free(ws), free(rowcorr);
         } else {
             int8_t *w = take(P * K * PANEL);
             float *ws = take(sizeof(float) * P * PANEL);
             int32_t *wsum = take(sizeof(int32_t) * P * PANEL);
-            pq_linear_w8(qa, as, azp, M, K, w, ws, wsum, y, N, 2);
+            pq_linear_w8(qa, as, azp, M, K, w, ws, wsum, y, N, threads);
             free(w), free(ws), free(wsum);
         }
         give(y, sizeof(float) * M * N);
