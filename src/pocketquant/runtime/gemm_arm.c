@@ -34,7 +34,7 @@ static INLINE uint32x4_t dot_neon(uint32x4_t acc, uint8x16_t w, uint8x16_t a) {
 
 static int always(void) { return 1; }
 
-const pq_kernels pq_neon_kernels = {"neon", always, ARM_TILE, ARM_TILE, w4_neon, w8_neon, 0};
+const pq_kernels pq_neon_kernels = {"neon", always, ARM_TILE, ARM_TILE, w4_neon, w8_neon, 1};
 
 /* clang before 17 declares the dot product (and matrix) intrinsics only in builds that target the extensions
  * throughout (Apple's arm64 targets do); elsewhere it builds the neon path alone */
@@ -98,7 +98,7 @@ static int has_i8mm(void) { return 0; }
 #pragma GCC pop_options
 #endif
 
-const pq_kernels pq_dotprod_kernels = {"dotprod", has_dotprod, ARM_TILE, ARM_TILE, w4_dotprod, w8_dotprod, 0};
+const pq_kernels pq_dotprod_kernels = {"dotprod", has_dotprod, ARM_TILE, ARM_TILE, w4_dotprod, w8_dotprod, 1};
 
 /* ---- i8mm: usmmla, a 2 x 8 (two tokens) by 8 x 2 (two rows) product of unsigned by signed bytes -------
  * Two consecutive 4-input steps of the panel layout, interleaved 4 bytes at a time (zip), hold 8 consecutive
@@ -224,7 +224,7 @@ static void w8_i8mm(const uint8_t *a, int64_t lda, int n, int64_t K, const int8_
 #pragma GCC pop_options
 #endif
 
-const pq_kernels pq_i8mm_kernels = {"i8mm", has_i8mm, ARM_TILE, ARM_TILE, w4_i8mm, w8_i8mm, 0};
+const pq_kernels pq_i8mm_kernels = {"i8mm", has_i8mm, ARM_TILE, ARM_TILE, w4_i8mm, w8_i8mm, 1};
 #else
 static int never(void) { return 0; }
 const pq_kernels pq_dotprod_kernels = {"dotprod", never, 1, 1, 0, 0, 0};

@@ -21,6 +21,9 @@ static int omp_get_num_threads(void) { return 1; }
 #if defined(PQ_X86) && !defined(PQ_EMULATE)
 #define PQ_ATTENTION512 1
 #include <immintrin.h>
+#elif defined(__aarch64__) && !defined(PQ_EMULATE)
+#define PQ_ATTENTION_NEON 1
+#include <arm_neon.h>
 #endif
 
 /* ---- per-token activation quantization (bit-exact with numerics.quantize_per_token) ---------------- */
@@ -210,6 +213,44 @@ VNNI static void attend_head_avx512(const float *qh, const pq_cache *C, int64_t 
 }
 #endif
 
+#ifdef PQ_ATTENTION_NEON
+/* The same with NEON for head_dim a multiple of 16: four partial sums per score, and the output a quarter of a
+ * 16-float slice of it at a time across all positions. */
+static INLINE float32x4_t load4(const void *p, int64_t i, int int8) { /* 4 keys or values from element i */
+    if (!int8) return vld1q_f32((const float *)p + i);
+    int32_t v;
+    memcpy(&v, (const int8_t *)p + i, 4);
+    int16x8_t w = vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(v)));
+    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(w)));
+}
+
+static void attend_head_neon(const float *qh, const pq_cache *C, int64_t j, float *oh, float *probs, int64_t D,
+                             int64_t pos) {
+    int int8 = C->bits == 8, es = int8 ? 1 : 4;
+    float inv = 1.0f / sqrtf((float)D), mx = -INFINITY, qsum = 0.0f;
+    int64_t base = j * C->max_t, T = pos + 1;
+    const char *kc = (const char *)C->k + base * D * es, *vc = (const char *)C->v + base * D * es;
+    for (int64_t i = 0; i < D; i++) qsum += qh[i];
+    for (int64_t t = 0; t < T; t++) {
+        const char *kt = kc + t * D * es;
+        float32x4_t a[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+        for (int64_t i = 0; i < D; i += 16)
+            for (int u = 0; u < 4; u++) a[u] = vfmaq_f32(a[u], vld1q_f32(qh + i + 4 * u), load4(kt, i + 4 * u, int8));
+        float sdot = vaddvq_f32(vaddq_f32(vaddq_f32(a[0], a[1]), vaddq_f32(a[2], a[3])));
+        if (int8) sdot = C->k_scale[base + t] * (sdot - C->k_zero[base + t] * qsum);
+        probs[t] = sdot * inv;
+        mx = probs[t] > mx ? probs[t] : mx;
+    }
+    float32x4_t shift = vdupq_n_f32(softmax_weights(probs, T, mx, C, base));
+    for (int64_t i = 0; i < D; i += 16) {
+        float32x4_t o[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+        for (int64_t t = 0; t < T; t++)
+            for (int u = 0; u < 4; u++) o[u] = vfmaq_n_f32(o[u], load4(vc + t * D * es, i + 4 * u, int8), probs[t]);
+        for (int u = 0; u < 4; u++) vst1q_f32(oh + i + 4 * u, vsubq_f32(o[u], shift));
+    }
+}
+#endif
+
 /* Thread t's share of the (sequence, query head) pairs (the caller is in a parallel region of `threads`
  * threads); sequence b's head hd keeps its scores at probs + (b * H + hd) * span. */
 static void attend_share(const float *q, const pq_cache *const *C, const int64_t *pos, float *att, float *probs,
@@ -219,8 +260,13 @@ static void attend_share(const float *q, const pq_cache *const *C, const int64_t
         const float *qh = q + i * D;
         float *oh = att + i * D, *ph = probs + i * span;
 #ifdef PQ_ATTENTION512
-        if (pq_current()->attention512 && D % 16 == 0 && D <= 256) {
+        if (pq_current()->vector_attention && D % 16 == 0 && D <= 256) {
             attend_head_avx512(qh, C[b], hd / (H / KV), oh, ph, D, pos[b]);
+            continue;
+        }
+#elif defined(PQ_ATTENTION_NEON)
+        if (pq_current()->vector_attention && D % 16 == 0) {
+            attend_head_neon(qh, C[b], hd / (H / KV), oh, ph, D, pos[b]);
             continue;
         }
 #endif

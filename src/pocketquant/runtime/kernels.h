@@ -36,7 +36,7 @@ typedef struct {
     int tile4, tile8;   /* most tokens per call of w4, w8 (at most MAX_TILE) */
     pq_w4_tile w4;
     pq_w8_tile w8;
-    int attention512;   /* the decode attention may use AVX-512 */
+    int vector_attention; /* the decode attention may use AVX-512 (x86) or NEON (Arm) code */
 } pq_kernels;
 
 extern const pq_kernels pq_portable_kernels, pq_avx2_kernels, pq_avxvnni_kernels, pq_avx512_kernels,
