@@ -158,3 +158,27 @@ def test_decode_steps_on_arm_give_this_builds_logits(driver, tiny_text_dir, tmp_
                     la, lb = (model.lm_head(model.norm(h[:, None]))[:, 0] for h in (a, b))
                     torch.testing.assert_close(la, lb, atol=1e-4 * lb.abs().max().item(), rtol=0,
                                                msg=lambda m: f"{cpu}/{path_name}, step {s}: {m}")
+
+
+@needs_cross_tools
+def test_prefill_attention_on_arm_gives_this_builds_outputs(driver):
+    """Causal attention over a prompt (the GEMM-like path of prefill and evaluation), with and without the Arm
+    vector code: the scores and the weighted values take the same steps as here, and the softmax's sum adds in
+    another order, so equal to float rounding."""
+    cases, want = [], []
+    for T, start, H, KV, D in [(19, 5, 4, 2, 64), (1, 30, 2, 1, 64), (40, 0, 3, 3, 128)]:
+        S = start + T
+        q, k, v = (torch.randn(*shape, generator=G) for shape in ((T, H, D), (KV, S, D), (KV, S, D)))
+        cases.append(_bytes(torch.tensor([2, T, start, H, KV, D]), q, k, v))
+        want.append(kernels.attention(q.permute(1, 0, 2)[None], k[None], v[None], start).reshape(T, H, D))
+    for cpu, runs, _ in CPUS[::2]:
+        for path in runs:
+            run = subprocess.run([QEMU, "-cpu", cpu, str(driver), path], input=b"".join(cases), capture_output=True,
+                                 timeout=600)
+            assert run.returncode == 0, run.stderr.decode()
+            got, at = np.frombuffer(run.stdout, np.float32), 0
+            for w in want:
+                a = torch.from_numpy(got[at:at + w.numel()].copy()).view_as(w)
+                at += w.numel()
+                torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{cpu}/{path}: {m}")
+            assert at == len(got)

@@ -1,6 +1,6 @@
 /* Runs the kernels on cases read from stdin and writes their outputs to stdout, on the path argv[1] names
- * (exit 3 when this CPU cannot run it), on 2 threads or PQ_THREADS. Built for aarch64 and run under qemu by tests/test_arm.py, which
- * writes the cases and compares the outputs with the x86 build's, bit for bit.
+ * (exit 3 when this CPU cannot run it), on 2 threads or PQ_THREADS. Built for aarch64 and run under qemu by
+ * tests/test_arm.py, which writes the cases and compares the outputs with the x86 build's.
  *
  * A case: int64 kind, M, K, N, group, then
  *   kind 0 (activation quantization): float x [M, K]            -> u8 qa [M, K], float scale [M], int32 zp [M]
@@ -14,7 +14,10 @@
  *     float inv_freq [head_dim / 2], float had_down [had_down_m ^ 2]; per layer float attn_norm [dim],
  *     ffn_norm [dim] and per projection (q k v o gate up down) int64 N, K, group and its int4 panels, scales
  *     and rowcorr as in kind 4; then per step int64 pos [B] and float x [B, dim]     -> float x [B, dim] each
- *   (header: kind, n, B, S, max_t). A test's short run: nothing is freed. */
+ *   (header: kind, n, B, S, max_t). A test's short run: nothing is freed. Or
+ *   kind 2 (prefill attention): T queries from position start, H heads, KV heads, then int64 D, float q [T, H, D],
+ *     k [KV, start + T, D], v [KV, start + T, D]                                  -> float out [T, H, D]
+ *   (header: kind, T, start, H, KV). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +27,9 @@
 int pq_path_count(void);
 const char *pq_path_name(int i);
 int pq_select(int i);
+int pq_prefill_attention(const float *q, int64_t sq_t, int64_t sq_h, const float *k, int64_t sk_h, int64_t sk_t,
+                         const float *v, int64_t sv_h, int64_t sv_t, float *out, int64_t T, int64_t start, int64_t H,
+                         int64_t KV, int64_t D, int threads);
 void pq_linear_w8(const uint8_t *qa, const float *as, const int32_t *azp, int64_t M, int64_t K, const int8_t *w,
                   const float *ws, const int32_t *wsum, float *y, int64_t N, int threads);
 
@@ -93,6 +99,14 @@ int main(int argc, char **argv) {
         int64_t kind = h[0], M = h[1], K = h[2], N = h[3], group = h[4], P = (N + PANEL - 1) / PANEL;
         if (kind == 1) {
             decode(M, K, N, group);
+            continue;
+        }
+        if (kind == 2) {
+            int64_t T = M, start = K, H = N, KV = group, D = *(int64_t *)take(sizeof(int64_t)), S = start + T;
+            float *q = take(sizeof(float) * T * H * D), *k = take(sizeof(float) * KV * S * D);
+            float *v = take(sizeof(float) * KV * S * D), *out = malloc(sizeof(float) * T * H * D);
+            if (pq_prefill_attention(q, H * D, D, k, S * D, D, v, S * D, D, out, T, start, H, KV, D, threads)) return 4;
+            give(out, sizeof(float) * T * H * D);
             continue;
         }
         if (kind == 0) {

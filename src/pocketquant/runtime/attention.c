@@ -88,6 +88,67 @@ static int avx2_fma(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
+#define PQ_VECTOR_ATTENTION 1
+#define vector_available avx2_fma
+#define vector_scores block_scores_avx2
+#define vector_softmax softmax_unnormalized_avx2
+
+#elif defined(__aarch64__) && !defined(PQ_EMULATE)
+#include <arm_neon.h>
+
+/* The same with NEON: two vectors of 4 positions' scores per query */
+static void block_scores_neon(const float *qs, const float *kt, int64_t S, int64_t D, int64_t S8, float *scores) {
+    for (int64_t b = 0; b < (S + 7) / 8; b++) {
+        float32x4_t lo[QB], hi[QB];
+        const float *kb = kt + b * D * 8;
+        for (int i = 0; i < QB; i++) lo[i] = hi[i] = vdupq_n_f32(0.0f);
+        for (int64_t d = 0; d < D; d++) {
+            float32x4_t k0 = vld1q_f32(kb + d * 8), k1 = vld1q_f32(kb + d * 8 + 4);
+            for (int i = 0; i < QB; i++) {
+                lo[i] = vfmaq_n_f32(lo[i], k0, qs[i * D + d]);
+                hi[i] = vfmaq_n_f32(hi[i], k1, qs[i * D + d]);
+            }
+        }
+        for (int i = 0; i < QB; i++) {
+            vst1q_f32(scores + i * S8 + b * 8, lo[i]);
+            vst1q_f32(scores + i * S8 + b * 8 + 4, hi[i]);
+        }
+    }
+}
+
+/* softmax_unnormalized (below) 4 positions at a time, with exp_neg's polynomial on vectors */
+static float softmax_unnormalized_neon(float *s, int64_t n) {
+    static const float c[7] = {1.5403530e-4f, 1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022650e-1f,
+                               6.9314718e-1f, 1.0f};
+    float32x4_t mx4 = vdupq_n_f32(-INFINITY);
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) mx4 = vmaxq_f32(mx4, vld1q_f32(s + t));
+    float mx = vmaxvq_f32(mx4), sum = 0.0f;
+    for (int64_t r = t; r < n; r++) mx = s[r] > mx ? s[r] : mx;
+    float32x4_t m = vdupq_n_f32(mx), acc = vdupq_n_f32(0.0f);
+    for (t = 0; t + 4 <= n; t += 4) {
+        float32x4_t x = vmaxq_f32(vsubq_f32(vld1q_f32(s + t), m), vdupq_n_f32(-87.0f));
+        float32x4_t y = vmulq_f32(x, vdupq_n_f32(1.44269504f)), k = vrndnq_f32(y), f = vsubq_f32(y, k);
+        float32x4_t p = vdupq_n_f32(c[0]);
+        for (int i = 1; i < 7; i++) p = vaddq_f32(vmulq_f32(p, f), vdupq_n_f32(c[i]));
+        int32x4_t bits = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(k), vdupq_n_s32(127)), 23);
+        float32x4_t e = vmulq_f32(p, vreinterpretq_f32_s32(bits));
+        vst1q_f32(s + t, e);
+        acc = vaddq_f32(acc, e);
+    }
+    sum = vaddvq_f32(acc);
+    for (; t < n; t++) {
+        s[t] = exp_neg(s[t] - mx);
+        sum += s[t];
+    }
+    return sum;
+}
+
+static int neon_attention(void) { return pq_current()->vector_attention; }
+#define PQ_VECTOR_ATTENTION 1
+#define vector_available neon_attention
+#define vector_scores block_scores_neon
+#define vector_softmax softmax_unnormalized_neon
 #endif
 
 /* s[0..n) <- e^(s - max s), returns their sum */
@@ -123,8 +184,8 @@ int pq_prefill_attention(const float *q, int64_t sq_t, int64_t sq_h, const float
     float *kt = malloc(sizeof(float) * KV * S8 * D);
     if (!kt) return -1;
     int failed = 0;
-#if defined(PQ_X86) && !defined(PQ_EMULATE)
-    int vector = avx2_fma();
+#ifdef PQ_VECTOR_ATTENTION
+    int vector = vector_available();
 #endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t j = 0; j < KV; j++) transpose_keys(k + j * sk_h, sk_t, S, D, kt + j * S8 * D);
@@ -143,8 +204,8 @@ int pq_prefill_attention(const float *q, int64_t sq_t, int64_t sq_h, const float
             int64_t j = h / group, keys = start + i0 + n; /* the block's last query sees this many keys */
             for (int i = 0; i < QB; i++)
                 for (int64_t d = 0; d < D; d++) qs[i * D + d] = i < n ? q[(i0 + i) * sq_t + h * sq_h + d] * scale : 0.0f;
-#if defined(PQ_X86) && !defined(PQ_EMULATE)
-            if (vector) block_scores_avx2(qs, kt + j * S8 * D, keys, D, S8, scores);
+#ifdef PQ_VECTOR_ATTENTION
+            if (vector) vector_scores(qs, kt + j * S8 * D, keys, D, S8, scores);
             else
 #endif
             block_scores(qs, kt + j * S8 * D, keys, D, S8, scores);
@@ -152,8 +213,8 @@ int pq_prefill_attention(const float *q, int64_t sq_t, int64_t sq_h, const float
                 float *s = scores + i * S8;
                 int64_t seen = start + i0 + i + 1;
                 float *o = out + ((i0 + i) * H + h) * D;
-#if defined(PQ_X86) && !defined(PQ_EMULATE)
-                float norm = 1.0f / (vector ? softmax_unnormalized_avx2(s, seen) : softmax_unnormalized(s, seen));
+#ifdef PQ_VECTOR_ATTENTION
+                float norm = 1.0f / (vector ? vector_softmax(s, seen) : softmax_unnormalized(s, seen));
 #else
                 float norm = 1.0f / softmax_unnormalized(s, seen);
 #endif
