@@ -12,6 +12,7 @@ execution of one (`-d in_asm,exec,nochain`), and counts the instructions inside 
 from __future__ import annotations
 
 import collections
+import os
 import re
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def case(bits: int, M: int, N: int) -> bytes:
 def executed(qemu: str, driver: Path, path: str, given: bytes, ranges, log: Path) -> int:
     """Instructions executed inside `ranges` of the driver's addresses."""
     subprocess.run([qemu, "-cpu", "max", "-d", "in_asm,exec,nochain", "-D", str(log), str(driver), path],
-                   input=given, stdout=subprocess.DEVNULL, check=True, env={"PQ_THREADS": "1"})
+                   input=given, stdout=subprocess.DEVNULL, check=True, env={**os.environ, "PQ_THREADS": "1"})
     blocks, start, runs = {}, None, collections.Counter()
     for line in log.open(errors="replace"):
         if line.startswith("IN:"):

@@ -53,7 +53,10 @@ def _cases():
         qa, scale, zp = kernels.quantize_rows(x)
         cases.append((_bytes(torch.tensor([0, M, K, 0, 0]), x), _bytes(qa, scale, zp)))
     shapes = [(bits, K, N, M) for bits in (4, 8) for K, N in ((32, 17), (576, 53), (2048, 37), (8192, 37))
-              for M in (1, 7, 8, 9)] + [(4, 576, 33, 64), (8, 576, 33, 64), (4, 96, 19, 513)]
+              for M in (1, 7, 8, 9)] + [(4, 576, 33, 64), (8, 576, 33, 64), (4, 96, 19, 513), (4, 64, 17, 2),
+                                         (4, 32, 9, 6)]
+    # int8 inputs not a multiple of 16 (a padded last load) or of 8 (i8mm hands over to udot's kernel)
+    shapes += [(8, 36, 17, 2), (8, 40, 9, 6), (8, 20, 5, 3), (8, 44, 3, 1)]
     for bits, K, N, M in shapes:
         spec = LinearSpec(WeightSpec(bits, 32 if bits == 4 else 0), ActSpec())
         f = FastLinear(QuantLinear.from_float(torch.randn(N, K, generator=G) * 0.05, spec), SharedActivations())

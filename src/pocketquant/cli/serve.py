@@ -43,7 +43,14 @@ def run(args) -> int:
     # of worker threads for each thread that starts parallel work; with a second pool (the model stepped on
     # another thread) there are more OpenMP threads than cores on a small machine, and its workers then sleep
     # in the kernel at every parallel region instead of spinning: a prefill took several times longer.
-    http = threading.Thread(target=server.run, name="pocketquant-http", daemon=True)
+    failures = []
+
+    def serve_http():
+        try:
+            server.run()
+        except Exception as e:  # reported here once the engine has stopped
+            failures.append(e)
+    http = threading.Thread(target=serve_http, name="pocketquant-http", daemon=True)
 
     def stop(signum, frame):  # the first Ctrl-C lets streams finish; a second one ends them
         server.force_exit = server.should_exit
@@ -55,6 +62,8 @@ def run(args) -> int:
           f"{context:,} tokens)", flush=True)
     engine.run(running=http.is_alive)
     http.join()
+    if failures:
+        raise PocketQuantError(f"the HTTP server failed: {failures[0]!r}") from failures[0]
     if not server.started:
         raise PocketQuantError(f"could not serve at {args.host}:{args.port} (see the message above)")
     return 0

@@ -36,10 +36,18 @@ static int always(void) { return 1; }
 
 const pq_kernels pq_neon_kernels = {"neon", always, ARM_TILE, ARM_TILE, w4_neon, w8_neon, 1};
 
-/* clang before 17 declares the dot product (and matrix) intrinsics only in builds that target the extensions
- * throughout (Apple's arm64 targets do); elsewhere it builds the neon path alone */
+/* Compilers that declare the dot product (matrix multiply) intrinsics only for builds that target the extension
+ * throughout, not for functions that do: clang before 17 (Apple's arm64 targets enable dotprod, not i8mm);
+ * GCC knows them from 8 (10). Such builds leave those paths out. */
 #if defined(__clang__) && __clang_major__ < 17 && !defined(__ARM_FEATURE_DOTPROD)
 #define PQ_NO_DOTPROD 1
+#elif !defined(__clang__) && __GNUC__ < 8
+#define PQ_NO_DOTPROD 1
+#endif
+#if defined(PQ_NO_DOTPROD) || (defined(__clang__) && __clang_major__ < 17 && !defined(__ARM_FEATURE_MATMUL_INT8))
+#define PQ_NO_I8MM 1
+#elif !defined(__clang__) && __GNUC__ < 10
+#define PQ_NO_I8MM 1
 #endif
 
 #ifndef PQ_NO_DOTPROD
@@ -55,7 +63,9 @@ const pq_kernels pq_neon_kernels = {"neon", always, ARM_TILE, ARM_TILE, w4_neon,
 #define HWCAP2_I8MM (1 << 13)
 #endif
 static int has_dotprod(void) { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
+#ifndef PQ_NO_I8MM
 static int has_i8mm(void) { return has_dotprod() && (getauxval(AT_HWCAP2) & HWCAP2_I8MM) != 0; }
+#endif
 #elif defined(__APPLE__)
 #include <sys/sysctl.h>
 static int feature(const char *name) {
@@ -64,10 +74,14 @@ static int feature(const char *name) {
     return sysctlbyname(name, &on, &size, NULL, 0) == 0 && on;
 }
 static int has_dotprod(void) { return feature("hw.optional.arm.FEAT_DotProd"); }
+#ifndef PQ_NO_I8MM
 static int has_i8mm(void) { return has_dotprod() && feature("hw.optional.arm.FEAT_I8MM"); }
+#endif
 #else
 static int has_dotprod(void) { return 0; }
+#ifndef PQ_NO_I8MM
 static int has_i8mm(void) { return 0; }
+#endif
 #endif
 
 /* ---- dotprod: udot ------------------------------------------------------------------------------- */
@@ -100,6 +114,7 @@ static int has_i8mm(void) { return 0; }
 
 const pq_kernels pq_dotprod_kernels = {"dotprod", has_dotprod, ARM_TILE, ARM_TILE, w4_dotprod, w8_dotprod, 1};
 
+#ifndef PQ_NO_I8MM
 /* ---- i8mm: usmmla, a 2 x 8 (two tokens) by 8 x 2 (two rows) product of unsigned by signed bytes -------
  * Two consecutive 4-input steps of the panel layout, interleaved 4 bytes at a time (zip), hold 8 consecutive
  * inputs of two rows: the 8 x 2 operand. Each instruction does 32 products, twice udot's, and the products
@@ -225,9 +240,16 @@ static void w8_i8mm(const uint8_t *a, int64_t lda, int n, int64_t K, const int8_
 #endif
 
 const pq_kernels pq_i8mm_kernels = {"i8mm", has_i8mm, ARM_TILE, ARM_TILE, w4_i8mm, w8_i8mm, 1};
-#else
+#endif
+#endif
+
+#if defined(PQ_NO_DOTPROD) || defined(PQ_NO_I8MM) /* the paths this compiler cannot build: never chosen */
 static int never(void) { return 0; }
+#endif
+#ifdef PQ_NO_DOTPROD
 const pq_kernels pq_dotprod_kernels = {"dotprod", never, 1, 1, 0, 0, 0};
+#endif
+#ifdef PQ_NO_I8MM
 const pq_kernels pq_i8mm_kernels = {"i8mm", never, 1, 1, 0, 0, 0};
 #endif
 

@@ -13,6 +13,8 @@
 #include <simde/x86/fma.h>
 #define TARGET(features)
 #define HAS(feature) 1
+#define HAS_F16C 1
+#define HAS_AVXVNNI 1
 #ifndef simde_mm512_cvtepi32_ps /* not in every SIMDe release */
 static inline __m512 cvtepi32_ps_512(__m512i v) {
     int32_t i[16];
@@ -24,9 +26,18 @@ static inline __m512 cvtepi32_ps_512(__m512i v) {
 #define _mm512_cvtepi32_ps cvtepi32_ps_512
 #endif
 #else
+#include <cpuid.h>
 #include <immintrin.h>
 #define TARGET(features) __attribute__((target(features)))
 #define HAS(feature) (__builtin_cpu_init(), __builtin_cpu_supports(feature))
+/* CPUID straight, for features older compilers' __builtin_cpu_supports does not name (clang 14: f16c, avxvnni):
+ * bit `bit` of register `reg` (0 eax, 1 ebx, 2 ecx, 3 edx) of leaf `leaf`, subleaf `sub` */
+static int cpuid_bit(unsigned leaf, unsigned sub, int reg, int bit) {
+    unsigned r[4];
+    return __get_cpuid_count(leaf, sub, &r[0], &r[1], &r[2], &r[3]) && (r[reg] >> bit & 1);
+}
+#define HAS_F16C cpuid_bit(1, 0, 2, 29)
+#define HAS_AVXVNNI cpuid_bit(7, 1, 0, 4)
 #endif
 
 #define AVX2 TARGET("avx2,fma,f16c")
@@ -180,7 +191,7 @@ AVX2 static void w8_avx2(const uint8_t *a, int64_t lda, int n, int64_t K, const 
     }
 }
 
-static int has_avx2(void) { return HAS("avx2") && HAS("fma") && HAS("f16c"); }
+static int has_avx2(void) { return HAS("avx2") && HAS("fma") && HAS_F16C; }
 
 const pq_kernels pq_avx2_kernels = {"avx2", has_avx2, 6, 3, w4_avx2, w8_avx2, 0};
 
@@ -232,7 +243,7 @@ AVXVNNI static void w8_vnni256(const uint8_t *a, int64_t lda, int n, int64_t K, 
     for (int h = 0; h < 2; h++) CASES(w8_half_vnni256, K, w, h, acc)
 }
 
-static int has_avxvnni(void) { return has_avx2() && HAS("avxvnni"); }
+static int has_avxvnni(void) { return has_avx2() && HAS_AVXVNNI; }
 
 const pq_kernels pq_avxvnni_kernels = {"avxvnni", has_avxvnni, 6, 6, w4_vnni256, w8_vnni256, 0};
 
@@ -306,7 +317,7 @@ AVX512 static void w8_avx512(const uint8_t *a, int64_t lda, int n, int64_t K, co
 
 static int has_avx512(void) {
     return HAS("avx512f") && HAS("avx512bw") && HAS("avx512vl") && HAS("avx512vnni") && HAS("avx512dq") &&
-           HAS("fma") && HAS("f16c");
+           HAS("fma") && HAS_F16C;
 }
 
 const pq_kernels pq_avx512_kernels = {"avx512", has_avx512, 8, 8, w4_avx512, w8_avx512, 1};

@@ -277,7 +277,8 @@ static void attend_share(const float *q, const pq_cache *const *C, const int64_t
 /* A barrier for the threads of one parallel region that spins, then yields the core, but never sleeps. A
  * decode step passes a dozen barriers per layer; the OpenMP runtime's barrier sleeps in the kernel whenever the
  * process holds more OpenMP threads than cores (one pool on the main thread and another on a server's engine
- * thread are enough), and each wake-up then costs tens of microseconds. */
+ * thread are enough), and each wake-up then costs tens of microseconds. It assumes the region has no more
+ * threads than cores (the default): beyond that, a waiting thread only yields to one that was descheduled. */
 typedef struct {
     atomic_int arrived, phase;
 } pq_barrier;

@@ -133,8 +133,11 @@ class _API:
     async def _whole(self, job: "_Job", chat: bool) -> dict:
         job.start()
         text, finish = "", None
-        async for piece, finish in job.pieces():
-            text += piece
+        try:
+            async for piece, finish in job.pieces():
+                text += piece
+        finally:
+            job.cancel()  # a client that went away (or a shutdown) frees the slot at the next step
         choice = {"index": 0, "finish_reason": finish}
         choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
         return {**_head(job, chat, chunk=False), "choices": [choice], "usage": job.usage()}
@@ -226,8 +229,13 @@ class _Job:
 
     def start(self):
         loop = asyncio.get_running_loop()
-        self.request = Request(self.prompt, self.options["max_tokens"], self.options["sampling"],
-                               lambda token, finish: loop.call_soon_threadsafe(self.queue.put_nowait, (token, finish)),
+
+        def emit(token, finish):  # on the engine's thread
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, (token, finish))
+            except RuntimeError:  # the event loop has closed (a forced shutdown): nobody is listening
+                self.cancel()
+        self.request = Request(self.prompt, self.options["max_tokens"], self.options["sampling"], emit,
                                self.tokenizer.stop_ids)
         if not self.engine.submit(self.request):
             raise APIError(503, "the server is busy: every slot is taken and the queue is full; retry shortly",
