@@ -54,7 +54,8 @@ def test_int4_linear_matches_reference(path, M, K, N, group):
     torch.testing.assert_close(out, ref, atol=3e-6 * ref.abs().max().item(), rtol=0)
 
 
-@pytest.mark.parametrize("M, K, N", [(1, 576, 100), (6, 64, 7), (3, 96, 1000), (9, 32, 17)])
+@pytest.mark.parametrize("M, K, N", [(1, 576, 100), (6, 64, 7), (3, 96, 1000), (9, 32, 17), (2, 36, 17), (3, 20, 5),
+                                     (1, 52, 9)])  # K a multiple of 4 but not of 16
 def test_int8_linear_matches_reference(path, M, K, N):
     q = QuantLinear.from_float(torch.randn(N, K, generator=G), LinearSpec(WeightSpec(8, 0), ActSpec()))
     x = torch.randn(M, K, generator=G)
@@ -111,7 +112,7 @@ def test_paths_this_cpu_lacks_give_the_same_bits_emulated(tmp_path, monkeypatch)
     monkeypatch.setattr(kernels, "_lib", kernels._bind(ctypes.CDLL(str(out))))
     assert kernels.supported() == kernels.paths() == ["avx512", "avxvnni", "avx2", "portable"]
     for bits in (4, 8):
-        for K, N in ((32, 17), (576, 33), (2048, 16)):
+        for K, N in ((32, 17), (576, 33), (2048, 16)) + (((36, 9),) if bits == 8 else ()):
             _same_bits_on_every_path(kernels.paths(), bits, K, N, [1, 7, 8, 9, 20])
     test_native_attention_equals_sdpa(4, 2, 19, 3, 64)  # its portable C loops (the build has no x86 path)
 

@@ -161,7 +161,7 @@ AVX2 static INLINE void w8_rows_avx2(const uint8_t *a, int64_t lda, const int n,
     for (int64_t j0 = 0; j0 < K / 4; j0 += 4) {
         __m256i lo16[3][2], hi16[3][2];
         for (int i = 0; i < n; i++) lo16[i][0] = lo16[i][1] = hi16[i][0] = hi16[i][1] = _mm256_setzero_si256();
-        for (int64_t j = j0; j < j0 + 4; j++)
+        for (int64_t j = j0; j < j0 + 4 && j < K / 4; j++) /* K a multiple of 4, not always of 16 */
             for (int h = 0; h < nh; h++) {
                 __m256i raw = _mm256_loadu_si256((const __m256i *)(w + 64 * j + 32 * (h0 + h)));
                 __m256i lo = _mm256_and_si256(raw, nib);
