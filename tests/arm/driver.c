@@ -24,15 +24,6 @@
 
 #include "../../src/pocketquant/runtime/kernels.h"
 
-int pq_path_count(void);
-const char *pq_path_name(int i);
-int pq_select(int i);
-int pq_prefill_attention(const float *q, int64_t sq_t, int64_t sq_h, const float *k, int64_t sk_h, int64_t sk_t,
-                         const float *v, int64_t sv_h, int64_t sv_t, float *out, int64_t T, int64_t start, int64_t H,
-                         int64_t KV, int64_t D, int threads);
-void pq_linear_w8(const uint8_t *qa, const float *as, const int32_t *azp, int64_t M, int64_t K, const int8_t *w,
-                  const float *ws, const int32_t *wsum, float *y, int64_t N, int threads);
-
 static int threads = 2; /* PQ_THREADS overrides (1 for instruction counts) */
 
 static void *take(size_t bytes) {

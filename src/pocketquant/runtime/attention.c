@@ -54,8 +54,6 @@ __attribute__((target("avx2,fma"))) static void block_scores_avx2(const float *q
 
 /* softmax_unnormalized (below) 8 positions at a time, with exp_neg's polynomial on vectors */
 __attribute__((target("avx2,fma"))) static float softmax_unnormalized_avx2(float *s, int64_t n) {
-    static const float c[7] = {1.5403530e-4f, 1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022650e-1f,
-                               6.9314718e-1f, 1.0f};
     __m256 mx8 = _mm256_set1_ps(-INFINITY);
     int64_t t = 0;
     for (; t + 8 <= n; t += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + t));
@@ -68,8 +66,8 @@ __attribute__((target("avx2,fma"))) static float softmax_unnormalized_avx2(float
         __m256 x = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), m), _mm256_set1_ps(-87.0f));
         __m256 y = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504f));
         __m256 k = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm256_sub_ps(y, k);
-        __m256 p = _mm256_set1_ps(c[0]);
-        for (int i = 1; i < 7; i++) p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(c[i]));
+        __m256 p = _mm256_set1_ps(PQ_EXP2_POLY[0]);
+        for (int i = 1; i < 7; i++) p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(PQ_EXP2_POLY[i]));
         __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
         __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
         _mm256_storeu_ps(s + t, e);
@@ -118,8 +116,6 @@ static void block_scores_neon(const float *qs, const float *kt, int64_t S, int64
 
 /* softmax_unnormalized (below) 4 positions at a time, with exp_neg's polynomial on vectors */
 static float softmax_unnormalized_neon(float *s, int64_t n) {
-    static const float c[7] = {1.5403530e-4f, 1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022650e-1f,
-                               6.9314718e-1f, 1.0f};
     float32x4_t mx4 = vdupq_n_f32(-INFINITY);
     int64_t t = 0;
     for (; t + 4 <= n; t += 4) mx4 = vmaxq_f32(mx4, vld1q_f32(s + t));
@@ -129,8 +125,8 @@ static float softmax_unnormalized_neon(float *s, int64_t n) {
     for (t = 0; t + 4 <= n; t += 4) {
         float32x4_t x = vmaxq_f32(vsubq_f32(vld1q_f32(s + t), m), vdupq_n_f32(-87.0f));
         float32x4_t y = vmulq_f32(x, vdupq_n_f32(1.44269504f)), k = vrndnq_f32(y), f = vsubq_f32(y, k);
-        float32x4_t p = vdupq_n_f32(c[0]);
-        for (int i = 1; i < 7; i++) p = vaddq_f32(vmulq_f32(p, f), vdupq_n_f32(c[i]));
+        float32x4_t p = vdupq_n_f32(PQ_EXP2_POLY[0]);
+        for (int i = 1; i < 7; i++) p = vaddq_f32(vmulq_f32(p, f), vdupq_n_f32(PQ_EXP2_POLY[i]));
         int32x4_t bits = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(k), vdupq_n_s32(127)), 23);
         float32x4_t e = vmulq_f32(p, vreinterpretq_f32_s32(bits));
         vst1q_f32(s + t, e);

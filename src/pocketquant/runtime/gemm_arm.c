@@ -86,7 +86,6 @@ static int has_i8mm(void) { return 0; }
 
 /* ---- dotprod: udot ------------------------------------------------------------------------------- */
 
-
 #ifdef __clang__
 #pragma clang attribute push(__attribute__((target("dotprod"))), apply_to = function)
 #else

@@ -46,6 +46,14 @@ void pq_quantize_rows(const float *x, int64_t M, int64_t K, uint8_t *qa, float *
 void pq_linear_w4(const uint8_t *qa, const float *as, const int32_t *azp, int64_t M, int64_t K,
                   const uint8_t *w, const uint16_t *ws, const float *rowcorr, int64_t group, float *y,
                   int64_t N, int threads);
+void pq_linear_w8(const uint8_t *qa, const float *as, const int32_t *azp, int64_t M, int64_t K, const int8_t *w,
+                  const float *ws, const int32_t *wsum, float *y, int64_t N, int threads);
+int pq_prefill_attention(const float *q, int64_t sq_t, int64_t sq_h, const float *k, int64_t sk_h, int64_t sk_t,
+                         const float *v, int64_t sv_h, int64_t sv_t, float *out, int64_t T, int64_t start, int64_t H,
+                         int64_t KV, int64_t D, int threads);
+int pq_path_count(void);
+const char *pq_path_name(int i);
+int pq_select(int i);
 void pq_linear_w4_share(const uint8_t *qa, const float *as, const int32_t *azp, int64_t M, int64_t K,
                         const uint8_t *w, const uint16_t *ws, const float *rowcorr, int64_t group, float *y,
                         int64_t N, int t, int threads);
@@ -129,16 +137,14 @@ static inline float fp16_to_fp32(uint16_t h) {
 
 /* e^x for x <= 0 (softmax after subtracting the max), written so that loops over it vectorize:
  * 2^(x log2 e) = 2^n * 2^f with a degree-6 polynomial for 2^f, f in [-0.5, 0.5] (relative error ~2e-7). */
+static const float PQ_EXP2_POLY[7] = {1.5403530e-4f, 1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022650e-1f,
+                                      6.9314718e-1f, 1.0f}; /* 2^f, highest power first (vector versions too) */
+
 static inline float exp_neg(float x) {
     x = x < -87.0f ? -87.0f : x;
     float t = x * 1.44269504f, n = PQ_ROUNDEVEN(t), f = t - n;
-    float p = 1.5403530e-4f;
-    p = p * f + 1.3333558e-3f;
-    p = p * f + 9.6181291e-3f;
-    p = p * f + 5.5504109e-2f;
-    p = p * f + 2.4022650e-1f;
-    p = p * f + 6.9314718e-1f;
-    p = p * f + 1.0f;
+    float p = PQ_EXP2_POLY[0];
+    for (int i = 1; i < 7; i++) p = p * f + PQ_EXP2_POLY[i];
     int32_t bits = ((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, 4);
