@@ -25,6 +25,19 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
         assert torch.equal(sample(LOGITS, Sampling(temperature=1.0, top_p=1e-6), gen(seed)), LOGITS.argmax(-1))
 
 
+def test_settings_too_small_to_tell_tokens_apart_keep_the_likeliest():
+    """Tiny temperatures and top_p (which once gave NaN probabilities and killed the server) are greedy; ties
+    at the top are drawn among; logits that are NaN are refused in one line."""
+    for seed in range(3):
+        for kw in ({"temperature": 1e-300}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 1e-300},
+                   {"temperature": 2.0, "top_p": 5e-324, "top_k": 10 ** 9}):
+            assert torch.equal(sample(LOGITS, Sampling(**kw), gen(seed)), LOGITS.argmax(-1)), kw
+    tied = torch.tensor([[1.0, 3.0, 3.0, -2.0]])
+    assert {int(sample(tied, Sampling(temperature=1e-300), gen(s))) for s in range(40)} == {1, 2}
+    with pytest.raises(PocketQuantError, match="non-finite logits"):
+        sample(torch.full((1, 4), float("nan")), Sampling(temperature=1.0), gen(0))
+
+
 def test_top_k_only_draws_the_k_likeliest():
     top3 = set(torch.topk(LOGITS[0], 3).indices.tolist())
     g = gen(1)
@@ -47,7 +60,9 @@ def test_seed_makes_sampling_reproducible():
 
 
 @pytest.mark.parametrize("kw, message", [({"temperature": -1}, "temperature"), ({"top_k": -2}, "top_k"),
-                                         ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p")])
+                                         ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+                                         ({"temperature": True}, "temperature"), ({"top_k": 2.5}, "top_k"),
+                                         ({"top_p": "1"}, "top_p"), ({"seed": 1.0}, "seed")])
 def test_bad_sampling_parameters(kw, message):
     with pytest.raises(PocketQuantError, match=message):
         Sampling(**kw)

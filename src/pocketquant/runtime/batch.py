@@ -1,12 +1,15 @@
 """Batched decoding: up to `slots` sequences share each forward step (one pass over the weights for all of
 them), each with its own KV cache row and position; a new request's prompt is prefilled between steps. One
 thread steps the model (the engine's own, or the one that calls `run`); callers submit requests and receive tokens
-through a callback."""
+through a callback. A request that fails (an error while its prompt is prefilled or its token sampled) ends with
+the finish reason "error" and its `failure`; a failed step ends the requests in it; the engine runs on."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +26,7 @@ class Request:
     emit: Callable[[int, str | None], None]  # (token, finish_reason or None), called on the engine thread
     stop_ids: frozenset = frozenset()
     cancelled: threading.Event = field(default_factory=threading.Event)  # set by the caller: free the slot
+    failure: str | None = None  # why the request ended with "error"
 
 
 @dataclass
@@ -95,8 +99,11 @@ class BatchEngine:
             seed = request.sampling.seed
             gen = None if seed is None else torch.Generator().manual_seed(seed)
             self.slots[b] = slot = _Slot(request, len(request.prompt), generator=gen)
-            logits = self.model(torch.tensor([request.prompt]), self.rows[b], 0, last_only=True)[:, -1]
-            self._emit(b, slot, logits)
+            try:
+                logits = self.model(torch.tensor([request.prompt]), self.rows[b], 0, last_only=True)[:, -1]
+                self._emit(b, slot, logits)
+            except Exception as e:
+                self._fail([b], e)
 
     def _step(self, active: list[int]):
         """One token for every active sequence, in one forward pass."""
@@ -110,10 +117,33 @@ class BatchEngine:
         tokens = torch.tensor([[s.last] for s in slots])
         positions = torch.tensor([s.position for s in slots])
         caches = [[self.rows[b][i] for b in active] for i in range(len(self.rows[0]))]
-        logits = self.model(tokens, caches, positions, last_only=True)[:, -1]
+        try:
+            logits = self.model(tokens, caches, positions, last_only=True)[:, -1]
+        except Exception as e:  # the whole step: every sequence in it ends
+            self._fail(active, e)
+            return
         for i, (b, slot) in enumerate(zip(active, slots)):
             slot.position += 1
-            self._emit(b, slot, logits[i:i + 1])
+            try:
+                self._emit(b, slot, logits[i:i + 1])
+            except Exception as e:
+                self._fail([b], e)
+
+    def _fail(self, slots: list[int], error: Exception):
+        """End the requests in `slots` with the finish reason "error" (their cache rows are free: a new request
+        overwrites what it reads); a bug rather than a refusal is logged with its traceback."""
+        from pocketquant.errors import PocketQuantError
+
+        if not isinstance(error, PocketQuantError):
+            logging.getLogger("pocketquant.serve").error("the engine failed:\n%s", traceback.format_exc())
+        for b in slots:
+            slot, self.slots[b] = self.slots[b], None
+            if slot is not None:
+                slot.request.failure = str(error)[:300] or type(error).__name__
+                try:
+                    slot.request.emit(None, "error")
+                except Exception:  # a caller's callback failing leaves nothing more to tell it
+                    pass
 
     def _emit(self, b: int, slot: _Slot, logits: torch.Tensor):
         request = slot.request

@@ -16,7 +16,8 @@ from pocketquant.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class Sampling:
-    """Greedy when temperature is 0; otherwise temperature, then top-k (0 = off), then top-p."""
+    """Greedy when temperature is 0; otherwise temperature, then top-k (0 = off), then top-p. Every setting in
+    range works: a temperature or top_p too small to tell the tokens apart keeps only the likeliest."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -24,30 +25,40 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if not 0 <= self.temperature < math.inf:  # also refuses NaN
-            raise PocketQuantError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise PocketQuantError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise PocketQuantError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed < 2 ** 64:
-            raise PocketQuantError(f"seed must be in [0, 2**64), got {self.seed}")
+        def number(value, integer=False):
+            kinds = (int,) if integer else (int, float)
+            return isinstance(value, kinds) and not isinstance(value, bool)
+        if not (number(self.temperature) and 0 <= self.temperature < math.inf):  # also refuses NaN
+            raise PocketQuantError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (number(self.top_k, integer=True) and self.top_k >= 0):
+            raise PocketQuantError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not (number(self.top_p) and 0 < self.top_p <= 1):
+            raise PocketQuantError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not (number(self.seed, integer=True) and 0 <= self.seed < 2 ** 64):
+            raise PocketQuantError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
 
 
 def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
-    """Next token ids [B] from logits [B, V]."""
+    """Next token ids [B] from logits [B, V]. In float64, with the likeliest token's logit at 0 before the
+    temperature divides, so that no setting in range gives NaN: a tiny temperature sends every other logit to
+    -inf (greedy, ties drawn among), and the likeliest token always survives top-p."""
     if s.temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / s.temperature
+    logits = logits.double()
+    logits = (logits - logits.amax(-1, keepdim=True)) / s.temperature
     if s.top_k:
         kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if s.top_p < 1:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest prefix reaching top_p
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p >= s.top_p  # keep the smallest prefix reaching top_p ...
+        drop[:, 0] = False  # ... which holds the likeliest token, however small top_p is
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+    probs = logits.softmax(-1)
+    if not torch.isfinite(probs).all():  # the logits themselves were NaN: a broken model, not a setting
+        raise PocketQuantError("the model produced non-finite logits; cannot sample")
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
 @torch.inference_mode()

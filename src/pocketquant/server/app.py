@@ -1,49 +1,57 @@
 """An OpenAI-compatible HTTP API over the batch engine (Starlette): `GET /health`, `GET /v1/models`,
 `POST /v1/chat/completions` and `POST /v1/completions`, streamed (server-sent events) or not. Bad input gets a
-4xx with an OpenAI-style error object; a full queue gets 503 with Retry-After; a client that goes away frees
-its slot."""
+4xx with an OpenAI-style error object (validate.py checks every field first); a full queue gets 503 with
+Retry-After; a client that goes away frees its slot; a body that does not arrive in time gets 408. An error in
+the server's own code is a 500 for that request alone: the server keeps serving. One log line per request."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
+import logging
 import time
+import traceback
 import uuid
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from pocketquant.errors import PocketQuantError
 from pocketquant.runtime.batch import BatchEngine, Request
-from pocketquant.runtime.generate import Sampling, TextStream
+from pocketquant.runtime.generate import TextStream
+from pocketquant.server import validate
+from pocketquant.server.validate import MAX_BODY, APIError
 
-MAX_BODY = 1 << 20  # bytes of a request body
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status == 503 else None
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
+log = logging.getLogger("pocketquant.serve")
 
 
-def create_app(engine: BatchEngine, tokenizer, model_name: str, api_key: str | None = None) -> Starlette:
-    api = _API(engine, tokenizer, model_name, api_key)
+def create_app(engine: BatchEngine, tokenizer, model_name: str, api_key: str | None = None,
+               temperature: float = 1.0, read_timeout: float = 15.0) -> Starlette:
+    """The app; `temperature` is the default of requests that name none (OpenAI's is 1.0), and a request's body
+    must arrive within `read_timeout` seconds."""
+    api = _API(engine, tokenizer, model_name, api_key, temperature, read_timeout)
+
+    async def http_error(request, e: HTTPException):  # unknown paths and methods, in OpenAI's error shape
+        return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind="not_found_error"
+                        if e.status_code == 404 else "invalid_request_error").response()
+
+    async def server_error(request, e: Exception):  # a bug: logged, answered, and the server lives on
+        log.error("internal error on %s %s:\n%s", request.method, request.url.path, traceback.format_exc())
+        return APIError(500, f"internal server error ({type(e).__name__})", kind="server_error").response()
     return Starlette(routes=[Route("/health", api.health), Route("/v1/models", api.models),
                              Route("/v1/chat/completions", api.chat, methods=["POST"]),
-                             Route("/v1/completions", api.completions, methods=["POST"])])
+                             Route("/v1/completions", api.completions, methods=["POST"])],
+                     exception_handlers={HTTPException: http_error, Exception: server_error})
 
 
 class _API:
-    def __init__(self, engine, tokenizer, model_name, api_key):
+    def __init__(self, engine, tokenizer, model_name, api_key, temperature, read_timeout):
         self.engine, self.tokenizer, self.name, self.key = engine, tokenizer, model_name, api_key
+        self.temperature, self.read_timeout = temperature, read_timeout
 
     async def health(self, request: HTTPRequest):
         return JSONResponse({"status": "ok", **self.engine.load()})
@@ -63,35 +71,48 @@ class _API:
         return await self._complete(request, chat=False)
 
     async def _complete(self, request: HTTPRequest, chat: bool):
+        t0, job = time.perf_counter(), None
         try:
             self._authorize(request)
-            body = await _json_body(request)
+            body = validate.parse_body(await _read_body(request, self.read_timeout))
             prompt, options = self._parse(body, chat)
-            job = _Job(self.engine, self.tokenizer, prompt, options, self.name)
-            if not body.get("stream"):
-                return JSONResponse(await self._whole(job, chat))
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            job = _Job(self.engine, self.tokenizer, prompt, options, self.name, chat)
+            if not options["stream"]:
+                response = JSONResponse(await self._whole(job, chat))
+                _log(request, 200, job, t0)
+                return response
             job.start()
-            return StreamingResponse(self._events(job, chat, include_usage), media_type="text/event-stream")
+            return StreamingResponse(self._events(job, chat, options["include_usage"], request, t0),
+                                     media_type="text/event-stream")
         except APIError as e:
+            _log(request, e.status, job, t0, e.message)
             return e.response()
+        except PocketQuantError as e:  # the library refused the input
+            _log(request, 400, job, t0, str(e))
+            return APIError(400, str(e)).response()
 
     def _authorize(self, request: HTTPRequest):
+        """`Authorization: Bearer KEY` (the scheme's name in any case), compared in constant time."""
         if self.key is None:
             return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
-        if not hmac.compare_digest(given, self.key.encode()):
-            raise APIError(401, "invalid API key", kind="authentication_error")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.key.encode()):
+            raise APIError(401, "invalid API key: send 'Authorization: Bearer KEY'", kind="authentication_error")
 
     def _parse(self, body: dict, chat: bool) -> tuple[list[int], dict]:
-        if body.get("model") not in (None, self.name):
-            raise APIError(404, f"model {body.get('model')!r} does not exist; this server runs {self.name!r}",
+        model = body.get("model")
+        if model is not None and (not isinstance(model, str) or model != self.name):
+            raise APIError(404, f"model {model!r} does not exist; this server runs {self.name!r}"[:300],
                            "model", "not_found_error")
+        options = validate.options(body, self.temperature)
         try:
-            prompt = self._chat_prompt(body.get("messages")) if chat else self._text_prompt(body.get("prompt"))
+            if chat:
+                prompt = self.tokenizer.encode_chat(validate.chat_messages(body.get("messages")))
+            else:
+                prompt = validate.prompt_of(body.get("prompt"), self.engine.model.config.vocab_size)
+                prompt = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         except PocketQuantError as e:
             raise APIError(400, str(e), "messages" if chat else "prompt") from e
-        options = _options(body)
         room = self.engine.context - len(prompt)
         if room < 1:
             raise APIError(400, f"the prompt has {len(prompt):,} tokens; this server's context is "
@@ -101,34 +122,6 @@ class _API:
                                 f"context after the prompt", "max_tokens")
         options["max_tokens"] = options["max_tokens"] or room
         return prompt, options
-
-    def _chat_prompt(self, messages) -> list[int]:
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "messages must be a non-empty list", "messages")
-        plain = []
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise APIError(400, "each message needs a 'role' string and 'content'", "messages")
-            content = m.get("content")
-            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise APIError(400, "only text content parts are supported", "messages")
-                content = "".join(p["text"] for p in content)
-            if not isinstance(content, str):
-                raise APIError(400, "message content must be a string", "messages")
-            plain.append({"role": m["role"], "content": content})
-        return self.tokenizer.encode_chat(plain)
-
-    def _text_prompt(self, prompt) -> list[int]:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str) and prompt:
-            return self.tokenizer.encode(prompt)
-        vocab = self.engine.model.config.vocab_size
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
-            return prompt
-        raise APIError(400, "prompt must be a non-empty string (or one string, or token ids)", "prompt")
 
     async def _whole(self, job: "_Job", chat: bool) -> dict:
         job.start()
@@ -142,7 +135,7 @@ class _API:
         choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
         return {**_head(job, chat, chunk=False), "choices": [choice], "usage": job.usage()}
 
-    async def _events(self, job: "_Job", chat: bool, include_usage: bool):
+    async def _events(self, job: "_Job", chat: bool, include_usage: bool, request: HTTPRequest, t0: float):
         head = _head(job, chat, chunk=True)
 
         def event(piece: str | None, finish: str | None, first=False) -> str:
@@ -152,6 +145,7 @@ class _API:
             else:
                 choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
             return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+        status = 200
         try:
             if chat:
                 yield event(None, None, first=True)
@@ -163,8 +157,12 @@ class _API:
             if include_usage:
                 yield f"data: {json.dumps({**head, 'choices': [], 'usage': job.usage()})}\n\n"
             yield "data: [DONE]\n\n"
+        except APIError as e:  # the engine failed this request after the stream began
+            status = e.status
+            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'code': None}})}\n\n"
         finally:
             job.cancel()  # a client that went away frees its slot at the next step
+            _log(request, status, job, t0)
 
 
 def _head(job, chat: bool, chunk: bool) -> dict:
@@ -172,58 +170,40 @@ def _head(job, chat: bool, chunk: bool) -> dict:
     return {"id": job.id, "object": kind, "created": job.created, "model": job.model_name}
 
 
-async def _json_body(request: HTTPRequest) -> dict:
+def _log(request: HTTPRequest, status: int, job, t0: float, message: str = ""):
+    """One line per request: client, method, path, status, tokens in and out, seconds, and why it failed."""
+    client = f"{request.client.host}:{request.client.port}" if request.client else "-"
+    tokens = f" {len(job.prompt)}+{job.generated} tokens" if job is not None else ""
+    log.info("%s %s %s %d%s %.2fs%s", client, request.method, request.url.path, status, tokens,
+             time.perf_counter() - t0, f" ({message[:200]})" if message else "")
+
+
+async def _read_body(request: HTTPRequest, seconds: float) -> bytes:
+    """The body, at most MAX_BODY bytes, arriving within `seconds` (413 / 408 otherwise)."""
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
         raise APIError(413, f"request bodies are limited to {MAX_BODY:,} bytes")
-    data = b""
-    async for part in request.stream():
-        data += part
-        if len(data) > MAX_BODY:
-            raise APIError(413, f"request bodies are limited to {MAX_BODY:,} bytes")
+
+    async def read() -> bytes:
+        data = b""
+        async for part in request.stream():
+            data += part
+            if len(data) > MAX_BODY:
+                raise APIError(413, f"request bodies are limited to {MAX_BODY:,} bytes")
+        return data
     try:
-        body = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object")
-    return body
-
-
-def _options(body: dict) -> dict:
-    """Sampling, length and stop options, checked (bools are not numbers)."""
-    def number(name, default, lo, hi, integer=False):
-        value = body.get(name, default)
-        if value is None:
-            return default
-        kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
-            raise APIError(400, f"{name} must be {'an integer' if integer else 'a number'} in [{lo}, {hi}], "
-                                f"got {value!r}"[:300], name)
-        return value
-    max_tokens = number("max_completion_tokens", None, 1, 1 << 30, True)
-    max_tokens = number("max_tokens", max_tokens, 1, 1 << 30, True)
-    if number("n", 1, 1, 1, True) != 1:
-        raise APIError(400, "n must be 1", "n")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop or []
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "stop must be a string or a list of up to 4 non-empty strings", "stop")
-    if not isinstance(body.get("stream", False), bool):
-        raise APIError(400, "stream must be true or false", "stream")
-    sampling = Sampling(temperature=float(number("temperature", 1.0, 0, 2)), top_p=float(number("top_p", 1.0, 0, 1)),
-                        seed=number("seed", None, 0, 2 ** 63 - 1, True))
-    if sampling.top_p == 0:
-        raise APIError(400, "top_p must be above 0", "top_p")
-    return {"max_tokens": max_tokens, "stop": stop, "sampling": sampling}
+        return await asyncio.wait_for(read(), seconds)
+    except asyncio.TimeoutError as e:
+        raise APIError(408, f"the request body did not arrive within {seconds:g} s") from e
 
 
 class _Job:
     """One request's run: tokens from the engine thread to this event loop, text out, stop strings cut."""
 
-    def __init__(self, engine: BatchEngine, tokenizer, prompt: list[int], options: dict, model_name: str):
+    def __init__(self, engine: BatchEngine, tokenizer, prompt: list[int], options: dict, model_name: str, chat: bool):
         self.engine, self.tokenizer, self.prompt, self.stops = engine, tokenizer, prompt, options["stop"]
-        self.id, self.created, self.model_name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created, self.model_name = int(time.time()), model_name
         self.generated, self.queue, self.request = 0, asyncio.Queue(), None
         self.options = options
 
@@ -251,10 +231,12 @@ class _Job:
 
     async def pieces(self):
         """(text piece, finish reason or None) until the end; the stop token's text is not shown, and text is
-        held back while it could be the start of a stop string."""
+        held back while it could be the start of a stop string. A request the engine failed raises a 500."""
         text, pending, keep = TextStream(self.tokenizer), "", max((len(s) for s in self.stops), default=1) - 1
         while True:
             token, finish = await self.queue.get()
+            if finish == "error":
+                raise APIError(500, f"the model failed on this request: {self.request.failure}", kind="server_error")
             if finish != "stop" or token not in self.tokenizer.stop_ids:
                 self.generated += 1
                 pending += text.push(token)
