@@ -147,6 +147,17 @@ def test_a_damaged_packed_header_is_refused(tiny, capsys, change, match):
     refused(capsys, "generate", packed, "--prompt", "hi", "--max-new-tokens", "1", match=match)
 
 
+def test_a_scheme_that_quantizes_no_block_linear_is_refused(tiny, tmp_path, capsys):
+    from pocketquant.quant import recipe
+
+    d, _ = tiny
+    data = json.loads(recipe.to_json(recipe.from_options("rtn")))
+    data["steps"][0]["scheme"]["overrides"] = [["layers.*", None]]
+    write_json(tmp_path / "r.json", data)
+    refused(capsys, "quantize", d, "--recipe", tmp_path / "r.json", "-o", tmp_path / "o.safetensors",
+            match="it quantizes no block linear")
+
+
 def test_a_refused_run_does_not_block_the_corrected_one(tiny, tmp_path, capsys):
     d, _ = tiny
     out = tmp_path / "out.safetensors"
@@ -235,8 +246,8 @@ def test_a_chat_template_that_never_ends_is_stopped(tiny, capsys):
     (["--temperature", "nan"], "temperature must be a finite number"),
     (["--temperature", "inf"], "temperature must be a finite number"),
     (["--top-p", "nan"], "top_p must be in (0, 1]"),
-    (["--seed", str(2 ** 64)], "seed must be in [0, 2**64)"),
-    (["--seed", "-1"], "seed must be in [0, 2**64)"),
+    (["--seed", str(2 ** 64)], "seed must be an integer in [0, 2**64)"),
+    (["--seed", "-1"], "seed must be an integer in [0, 2**64)"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--max-new-tokens", str(10 ** 12)], "exceeds the model's context of 256 tokens"),
 ])
@@ -303,6 +314,19 @@ def test_outputs_never_replace_an_input(tiny, capsys):
     root = d.parent
     before = snapshot(root)
     refused(capsys, "quantize", d, "-o", d / "model.safetensors", match="it would replace")
+    other = root / "other.safetensors"  # a packed file of another model, given as the recipe and as the output
+    other.write_bytes(packed.read_bytes())
+    before = snapshot(root)
+    refused(capsys, "quantize", d, "--recipe", other, "-o", other, match="it would replace")
+    (root / "calib.txt").write_text("text " * 1000)
+    for option in ("--calib-text", "--rotations"):
+        refused(capsys, "quantize", d, "--method", "hadamard", option, root / "calib.txt", "-o", root / "calib.txt",
+                match="must end in .safetensors")
+    (root / "calib.safetensors").write_text("text " * 1000)
+    refused(capsys, "quantize", d, "--method", "gptq", "--calib-text", root / "calib.safetensors", "-o",
+            root / "calib.safetensors", match="it would replace")
+    (root / "calib.txt").unlink()
+    (root / "calib.safetensors").unlink()
     refused(capsys, "eval", packed, "--json", packed, match="it would replace")
     refused(capsys, "bench", packed, "--float", d, "--json", packed, match="it would replace")
     refused(capsys, "export", packed, "--to", "gguf", "-o", packed, match="must end in .gguf")

@@ -57,15 +57,34 @@ def test_recipe_files_round_trip_and_bad_ones_are_refused(tmp_path):
         (lambda r: r["steps"][1]["scheme"].update(name="int8"), "the same scheme"),
         (lambda r: r["steps"].append(r["steps"][1]), "rtn or gptq once"),
         (lambda r: r["steps"].insert(0, {"method": "import"}), "a recipe's only step"),
+        (lambda r: r.update(comment="x"), r"unknown recipe field\(s\) 'comment'"),
+        (lambda r: r["steps"][1]["scheme"].update(colour=1), r"scheme: unknown field\(s\) 'colour'"),
+        (lambda r: r["steps"][1]["scheme"]["linear"].update(bias=1), r"linear spec: unknown field\(s\) 'bias'"),
+        (lambda r: r["steps"][1]["scheme"]["linear"]["weight"].update(zero=1), r"unknown field\(s\) 'zero'"),
+        (lambda r: r["steps"][1]["scheme"].update(linear=None), "linear must be a linear spec"),
+        (lambda r: r.update(version=-1), "recipe version -1"),
+        (lambda r: r.update(version=True), "recipe version True"),
+        (lambda r: r["steps"][1].update(version=-5), "gptq step version -5"),
+        (lambda r: r["steps"][1].update(version=False), "gptq step version False"),
+        (lambda r: r["steps"][1].update(block=7), r"GPTQ block \(7 columns\) must be a multiple of the scheme's "
+                                                  r"group size \(32\)"),
+        (lambda r: r["steps"][1].update(block=10 ** 18), "GPTQ block must be in"),
+        (lambda r: r["steps"][1].update(seq_len=1), "GPTQ seq_len must be in"),
+        (lambda r: r["steps"][1].update(samples=10 ** 12), "GPTQ samples must be in"),
+        (lambda r: r["steps"][0].update(iterations=10 ** 12), "SpinQuant iterations must be in"),
+        (lambda r: r["steps"][1].update(method=["rtn"]), r"unknown recipe step \['rtn'\]"),
     ]:
         bad = json.loads(json.dumps(good))
         change(bad)
         path.write_text(json.dumps(bad))
         with pytest.raises(PocketQuantError, match=message):
             recipe.read(path)
-    path.write_text("{not json")
-    with pytest.raises(PocketQuantError, match="not a recipe"):
-        recipe.read(path)
+    for text, message in [("{not json", "is not valid JSON"), ("[" * 10_000 + "]" * 10_000, "nests 10,000 levels"),
+                          ('{"version": 1' + "0" * 5000 + "}", "not valid JSON: ValueError: Exceeds the limit"),
+                          ("[" + " " * (2 << 20) + "]", "refusing JSON of more than 1,048,576")]:
+        path.write_text(text)
+        with pytest.raises(PocketQuantError, match=message):
+            recipe.read(path)
 
 
 @pytest.mark.parametrize("method", [["rtn"], pytest.param(["gptq", *SMALL_GPTQ], marks=pytest.mark.slow),

@@ -38,15 +38,18 @@ def quantize(model_or_source, recipe="hadamard", out=None, progress: bool = True
     from pocketquant.runtime import kernels
     from pocketquant.runtime.engine import use_fast_kernels
 
+    recipe_file = None
     if isinstance(recipe, (list, tuple)):
         steps = recipes.check(recipe)
     elif isinstance(recipe, str) and recipe in recipes.METHODS:
         steps = recipes.from_options(recipe)
     else:
-        steps = recipes.read(Path(recipe))
+        recipe_file = Path(recipe)
+        steps = recipes.read(recipe_file)
     given = isinstance(model_or_source, LoadedModel)
     source = model_or_source.model if given else str(model_or_source)
-    result = recipes.quantize(source, steps, out, progress, model_or_source.tokenizer if given else None)
+    result = recipes.quantize(source, steps, out, progress, model_or_source.tokenizer if given else None,
+                              inputs=[recipe_file])
     if result is None:  # a torchrun helper process
         return None
     model = use_fast_kernels(result.model) if kernels.available() else result.model

@@ -26,14 +26,34 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_json(f: Path):
-    """A JSON file's contents, or a one-line error for one that is unreadable, not UTF-8 or not JSON."""
+def read_json(f: Path, max_bytes: int | None = None, max_depth: int | None = None):
+    """A JSON file's contents, or a one-line error for one that is unreadable, not UTF-8 or not JSON; with
+    `max_bytes` / `max_depth`, also for one larger or more deeply nested than that (refused before parsing)."""
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
+        if max_bytes is not None and f.stat().st_size > max_bytes:
+            raise PocketQuantError(f"{f} is {f.stat().st_size:,} bytes; refusing JSON of more than {max_bytes:,}")
+        text = f.read_text(encoding="utf-8")
     except OSError as e:
         raise PocketQuantError(f"cannot read {f}: {e.strerror or e}") from e
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+    except ValueError as e:  # UnicodeDecodeError
         raise PocketQuantError(f"{f} is not valid JSON: {type(e).__name__}: {e}") from e
+    if max_depth is not None and (depth := json_depth(text)) > max_depth:
+        raise PocketQuantError(f"{f} nests {depth:,} levels deep; refusing JSON deeper than {max_depth}")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5,000-digit number, absurd nesting
+        raise PocketQuantError(f"{f} is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from e
+
+
+def json_depth(text: str) -> int:
+    """How deeply the arrays and objects of JSON text nest (brackets inside strings do not count)."""
+    import re
+
+    depth = deepest = 0
+    for bracket in re.findall(r"[\[\]{}]", re.sub(r'"(?:[^"\\]|\\.)*"', "", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def tensors_digest(tensors: dict) -> str:

@@ -82,6 +82,10 @@ class QuantScheme:
     def __post_init__(self):
         if problems := wrong_types(self):
             raise PocketQuantError("invalid scheme: " + "; ".join(problems))
+        if not (isinstance(self.linear, LinearSpec) and isinstance(self.output, (LinearSpec, type(None)))
+                and isinstance(self.embedding, (WeightSpec, type(None)))):
+            raise PocketQuantError("invalid scheme: linear must be a linear spec; output a linear spec or None; "
+                                   "embedding a weight spec or None")
         if not all(isinstance(p, str) and isinstance(s, (LinearSpec, type(None))) for p, s in self.overrides):
             raise PocketQuantError("invalid scheme: overrides must be [pattern, spec or null] pairs")
         if self.kv_cache_bits not in (None, 8):
@@ -106,15 +110,21 @@ class QuantScheme:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantScheme":
+        """The scheme `to_dict` wrote; an unknown or missing field at any level is refused, naming it."""
         try:
+            _known(d, "scheme", {f.name for f in dataclasses.fields(cls)}, {"name", "linear"})
+            overrides = d.get("overrides", ())
+            if not isinstance(overrides, (list, tuple)) or not all(
+                    isinstance(o, (list, tuple)) and len(o) == 2 for o in overrides):
+                raise ValueError("overrides must be a list of [pattern, spec or null] pairs")
             return cls(
                 name=d["name"], linear=_linear(d["linear"]), output=_linear(d.get("output")),
-                embedding=None if d.get("embedding") is None else WeightSpec(**d["embedding"]),
+                embedding=None if d.get("embedding") is None else _weight(d["embedding"]),
                 kv_cache_bits=d.get("kv_cache_bits"),
-                overrides=tuple((p, _linear(s)) for p, s in d.get("overrides", ())),
+                overrides=tuple((p, _linear(s)) for p, s in overrides),
                 share_embedding_output=d.get("share_embedding_output", False))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise PocketQuantError(f"not a valid quantization scheme: {e}") from e
+            raise PocketQuantError(f"not a valid quantization scheme: {str(e)[:300]}") from e
 
     @classmethod
     def from_json(cls, text: str) -> "QuantScheme":
@@ -124,10 +134,27 @@ class QuantScheme:
         return dataclasses.replace(self, **changes)
 
 
+def _known(d, what: str, fields: set[str], required: set[str] = frozenset()):
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be an object, got {type(d).__name__}")
+    if unknown := sorted(set(d) - fields):
+        raise ValueError(f"{what}: unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(fields))}")
+    if missing := sorted(required - set(d)):
+        raise ValueError(f"{what}: missing field(s) {', '.join(missing)}")
+
+
+def _weight(d: dict) -> WeightSpec:
+    _known(d, "weight spec", {f.name for f in dataclasses.fields(WeightSpec)})
+    return WeightSpec(**d)
+
+
 def _linear(d: dict | None) -> LinearSpec | None:
     if d is None:
         return None
-    return LinearSpec(WeightSpec(**d["weight"]), None if d.get("act") is None else ActSpec(**d["act"]))
+    _known(d, "linear spec", {"weight", "act"}, {"weight"})
+    if d.get("act") is not None:
+        _known(d["act"], "activation spec", {f.name for f in dataclasses.fields(ActSpec)})
+    return LinearSpec(_weight(d["weight"]), None if d.get("act") is None else ActSpec(**d["act"]))
 
 
 _A8 = ActSpec(bits=8, symmetric=False)

@@ -80,7 +80,7 @@ def steps_from(args) -> tuple:
 def run(args) -> int:
     from pocketquant.quant.recipe import quantize
 
-    r = quantize(args.model, steps_from(args), args.output)
+    r = quantize(args.model, steps_from(args), args.output, inputs=[args.recipe])
     if r is None:  # a torchrun helper process: the first process writes the files
         return 0
     print(f"wrote {r.path} ({r.file_bytes:,} bytes) by {' -> '.join(s.to_dict()['method'] for s in r.recipe)}")

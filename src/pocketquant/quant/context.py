@@ -13,6 +13,11 @@ import torch
 from pocketquant.errors import PocketQuantError
 
 
+MAX_SAMPLES = 1 << 14  # calibration blocks a step may ask for (the shipped text holds about 1,700 of 512 tokens)
+MAX_SEQ_LEN = 1 << 22  # tokens per block, at most (the model's context is checked when the step runs)
+MAX_STEPS = 1 << 20  # optimizer steps
+
+
 @dataclass
 class Context:
     tokenizer: object = None  # encodes the steps' calibration and training text
@@ -98,8 +103,9 @@ def config_from_dict(cls, d: dict, method: str):
     if not isinstance(d, dict):
         raise PocketQuantError(f"a {method} step must be a JSON object, got {type(d).__name__}")
     version = d.get("version", 1)
-    if not isinstance(version, int) or version > cls.VERSION:
-        raise PocketQuantError(f"{method} step version {version!r}: this pocketquant reads up to {cls.VERSION}")
+    if type(version) is not int or not 1 <= version <= cls.VERSION:
+        raise PocketQuantError(f"{method} step version {version!r:.40}: this pocketquant reads versions 1 to "
+                               f"{cls.VERSION}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields) - {"method", "version"})
     if unknown:
@@ -136,4 +142,12 @@ def _typed(method: str, name: str, value, default):
 
 
 def _bad(method: str, name: str, value):
-    raise PocketQuantError(f"{method} step: {name} = {value!r} has the wrong type")
+    raise PocketQuantError(f"{method} step: {name} = {value!r:.100} has the wrong type")
+
+
+def in_range(what: str, **values: tuple):
+    """Refuse any `name=(value, lo, hi)` whose value lies outside [lo, hi], naming it: counts and sizes beyond
+    these bounds come from a typing slip or a hostile file, and would run for days or fail deep inside a step."""
+    for name, (value, lo, hi) in values.items():
+        if not lo <= value <= hi:
+            raise PocketQuantError(f"{what} {name} must be in [{lo:,}, {hi:,}], got {value:,}")

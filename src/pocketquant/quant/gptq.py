@@ -21,9 +21,11 @@ from pocketquant.files import StateDir, tensors_digest
 from pocketquant.layers import QuantLinear, check_plan, linear_plan, set_module
 from pocketquant.model import Transformer
 from pocketquant.numerics import check_finite, fake_quant_per_token, group_scales, quantize_with_scales
-from pocketquant.quant.context import config_dict, config_from_dict
+from pocketquant.quant.context import MAX_SAMPLES, MAX_SEQ_LEN, config_dict, config_from_dict, in_range
 from pocketquant.quant.rtn import quantize_embedding
 from pocketquant.scheme import PRESETS, QuantScheme, WeightSpec
+
+MAX_BLOCK = 1 << 14  # columns updated together, at most
 
 # Linears that read the same input share one Hessian.
 INPUTS = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "self_attn.v_proj": "attn",
@@ -50,6 +52,12 @@ class GPTQConfig:
         if min(self.samples, self.seq_len, self.block) < 1:
             raise PocketQuantError(f"GPTQ needs samples, seq_len and block >= 1, got {self.samples}, "
                                    f"{self.seq_len} and {self.block}")
+        in_range("GPTQ", samples=(self.samples, 1, MAX_SAMPLES), seq_len=(self.seq_len, 2, MAX_SEQ_LEN),
+                 block=(self.block, 1, MAX_BLOCK))
+        groups = {s.weight.group_size for s in (self.scheme.linear, *(o for _, o in self.scheme.overrides)) if s}
+        if any(g and self.block % g for g in groups):
+            raise PocketQuantError(f"the GPTQ block ({self.block} columns) must be a multiple of the scheme's group "
+                                   f"size{'s' if len(groups) > 1 else ''} ({', '.join(map(str, sorted(groups)))})")
 
     def to_dict(self) -> dict:
         return config_dict(self, "gptq")

@@ -54,6 +54,7 @@ STEPS = {"spinquant": SpinQuantConfig, "rtn": RTNConfig, "gptq": GPTQConfig, "qa
 QUANTIZERS = (RTNConfig, GPTQConfig, TrainConfig, ImportConfig)
 METHODS = ("rtn", "gptq", "hadamard", "spinquant", "import")  # the quantize verb's --method (from_options)
 FORMAT, VERSION = "pocketquant.recipe", 1
+MAX_BYTES, MAX_DEPTH = 1 << 20, 32  # a recipe file larger or deeper than this is refused before it is parsed
 
 
 def check(steps) -> tuple:
@@ -106,8 +107,8 @@ def apply(model, *steps, ctx: Context | None = None):
 def step_from_dict(d: dict):
     """One step from its JSON data (its "method" names its kind)."""
     method = d.get("method") if isinstance(d, dict) else None
-    if method not in STEPS:
-        raise PocketQuantError(f"unknown recipe step {method!r}; known: {', '.join(STEPS)}")
+    if not isinstance(method, str) or method not in STEPS:
+        raise PocketQuantError(f"unknown recipe step {method!r:.100}; known: {', '.join(STEPS)}")
     return STEPS[method].from_dict(d)
 
 
@@ -120,6 +121,7 @@ def read(path: str | Path) -> tuple:
     """The steps of a recipe file (.json: what `to_json` writes, or a bare list of steps) or of the packed
     file a recipe made (its stored recipe; a rotations file it names is looked up beside it)."""
     from pocketquant.checkpoints.packed import is_packed, read_header
+    from pocketquant.files import read_json
 
     path = Path(path)
     if not path.is_file():
@@ -127,20 +129,24 @@ def read(path: str | Path) -> tuple:
     if is_packed(path):
         steps = [step_from_dict(d) for d in read_header(path).recipe]
         return check(_beside(s, path.parent) for s in steps)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PocketQuantError(f"{path}: not a recipe (JSON, or a packed .safetensors file): {e}") from e
+    data = read_json(path, MAX_BYTES, MAX_DEPTH)
     if isinstance(data, dict):
         if data.get("format") != FORMAT or not isinstance(data.get("steps"), list):
             raise PocketQuantError(f"{path}: not a recipe (expected {{\"format\": \"{FORMAT}\", \"steps\": [...]}})")
-        if not isinstance(data.get("version"), int) or data["version"] > VERSION:
-            raise PocketQuantError(f"{path}: recipe version {data.get('version')!r}; this pocketquant reads up to "
+        if unknown := sorted(set(data) - {"format", "version", "steps"}):
+            raise PocketQuantError(f"{path}: unknown recipe field(s) {', '.join(map(repr, unknown))[:200]}; known: "
+                                   "format, version, steps")
+        version = data.get("version")
+        if type(version) is not int or not 1 <= version <= VERSION:
+            raise PocketQuantError(f"{path}: recipe version {version!r:.40}; this pocketquant reads versions 1 to "
                                    f"{VERSION}")
         data = data["steps"]
     if not isinstance(data, list):
         raise PocketQuantError(f"{path}: a recipe is a list of steps")
-    return check(step_from_dict(d) for d in data)
+    try:
+        return check(step_from_dict(d) for d in data)
+    except PocketQuantError as e:
+        raise PocketQuantError(f"{path}: {e}") from e
 
 
 def _beside(step, folder: Path):
@@ -209,12 +215,13 @@ class QuantizeResult:
     report: dict = field(default_factory=dict)  # what the steps measured (rotation_losses, losses, ...)
 
 
-def quantize(source, steps, out: str | Path | None = None, progress: bool = True, tokenizer=None
-             ) -> QuantizeResult | None:
+def quantize(source, steps, out: str | Path | None = None, progress: bool = True, tokenizer=None,
+             inputs=()) -> QuantizeResult | None:
     """Load the float model `source` (a path or known name, or a model object with `tokenizer`), apply the
     recipe `steps`, and write the packed file `out` (atomically; long steps checkpoint beside it, and a
-    rerun of a killed command resumes there). Under torchrun every process shares the work; the first one
-    writes the files, the others return None."""
+    rerun of a killed command resumes there); `out` may be none of the files the run reads (the model, the
+    steps' text and rotations files, and `inputs`, such as the recipe file). Under torchrun every process shares
+    the work; the first one writes the files, the others return None."""
     from pocketquant.checkpoints.packed import save_packed
     from pocketquant.files import check_output
     from pocketquant.progress import bar
@@ -224,7 +231,7 @@ def quantize(source, steps, out: str | Path | None = None, progress: bool = True
     scheme = steps[0].scheme
     given = isinstance(source, torch.nn.Module)
     if out is not None:  # refused before any work
-        inputs = [getattr(s, a, None) for s in steps for a in ("text", "data", "rotations")]
+        inputs = [*inputs, *(getattr(s, a, None) for s in steps for a in ("text", "data", "rotations"))]
         out = check_output(out, inputs if given else [source, *inputs], suffix=".safetensors")
     if isinstance(steps[0], ImportConfig):
         return _import(source, steps[0], out)

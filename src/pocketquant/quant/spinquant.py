@@ -33,7 +33,8 @@ from pocketquant.hadamard import hadamard_transform
 from pocketquant.model import Transformer
 from pocketquant.numerics import fake_quant_per_token, fake_quant_weight
 from pocketquant.quant import rotation
-from pocketquant.quant.context import config_dict, config_from_dict, distillation_kl
+from pocketquant.quant.context import (MAX_SAMPLES, MAX_SEQ_LEN, MAX_STEPS, config_dict, config_from_dict,
+                                       distillation_kl, in_range)
 from pocketquant.quant.distributed import world_and_rank
 from pocketquant.scheme import PRESETS, QuantScheme
 
@@ -60,6 +61,8 @@ class SpinQuantConfig:
                 raise PocketQuantError(f"SpinQuant {name} must be at least 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise PocketQuantError(f"SpinQuant blocks need at least 2 tokens, got {self.seq_len}")
+        in_range("SpinQuant", iterations=(self.iterations, 1, MAX_STEPS), samples=(self.samples, 1, MAX_SAMPLES),
+                 batch=(self.batch, 1, self.samples), seq_len=(self.seq_len, 2, MAX_SEQ_LEN))
         if not 0 < self.lr < math.inf:  # also refuses NaN
             raise PocketQuantError(f"the SpinQuant learning rate must be a finite number > 0, got {self.lr}")
         if self.loss not in ("ce", "kl"):

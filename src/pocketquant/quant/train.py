@@ -31,7 +31,8 @@ from pocketquant.errors import PocketQuantError
 from pocketquant.files import StateDir, tensors_digest
 from pocketquant.model import Transformer
 from pocketquant.quant import qat
-from pocketquant.quant.context import config_dict, config_from_dict, distillation_kl
+from pocketquant.quant.context import (MAX_SEQ_LEN, MAX_STEPS, config_dict, config_from_dict, distillation_kl,
+                                       in_range)
 from pocketquant.quant.distributed import world_and_rank
 from pocketquant.quant.lora import add_lora, lora_parameters
 from pocketquant.scheme import PRESETS, QuantScheme
@@ -77,6 +78,10 @@ class TrainConfig:
                 raise PocketQuantError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.warmup < 0 or not 0 <= self.seed < 2 ** 63:
             raise PocketQuantError(f"warmup must be >= 0 and seed in [0, 2**63), got {self.warmup} and {self.seed}")
+        in_range("training", steps=(self.steps, 1, MAX_STEPS), lora_steps=(self.lora_steps, 1, MAX_STEPS),
+                 seq_len=(self.seq_len, 2, MAX_SEQ_LEN), batch=(self.batch, 1, 1024),
+                 grad_accum=(self.grad_accum, 1, 1024), rank=(self.rank, 1, 4096),
+                 warmup=(self.warmup, 0, MAX_STEPS), checkpoint_every=(self.checkpoint_every, 1, MAX_STEPS))
 
     @property
     def method(self) -> str:
