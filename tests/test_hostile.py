@@ -110,15 +110,43 @@ def test_gguf_with_four_billion_blocks_is_refused_at_once(tmp_path, capsys):
     assert time.perf_counter() - t0 < 10
 
 
-def rewrite_safetensors_header(path: Path, change):
-    """Apply change(header dict) to a safetensors file's JSON header, keeping its tensor data."""
-    data = path.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
+def rewrite_safetensors_header(path: Path, change, reseal: bool = True):
+    """Apply change(header dict) to a safetensors file's JSON header, keeping its tensor data; with `reseal`, the
+    header's checksum is made to match again (a file edited on purpose, for the loader's own checks to catch)."""
+    from pocketquant.checkpoints import integrity
+
+    header, start, _ = integrity.raw_header(path)
+    data = path.read_bytes()[start:]
     change(header)
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n:])
+    if reseal:
+        meta, table = header["__metadata__"], {k: v for k, v in header.items() if k != "__metadata__"}
+        meta[integrity.HEADER_KEY] = integrity.header_digest(meta, table)
+    blob = integrity.header_bytes(header)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def _scheme_edit(change, recipe_too=False):
+    def edit(header):
+        meta = header["__metadata__"]
+        scheme = json.loads(meta["scheme"])
+        change(scheme)
+        meta["scheme"] = json.dumps(scheme)
+        if recipe_too:
+            recipe = json.loads(meta["recipe"])
+            for step in recipe:
+                change(step["scheme"])
+            meta["recipe"] = json.dumps(recipe)
+    return edit
+
+
+def _tokenizer_edit(change):
+    def edit(header):
+        spec = json.loads(header["__metadata__"]["tokenizer"])
+        tokenizer = json.loads(spec["tokenizer_json"])
+        change(tokenizer)
+        spec["tokenizer_json"] = json.dumps(tokenizer)
+        header["__metadata__"]["tokenizer"] = json.dumps(spec)
+    return edit
 
 
 def _config_edit(**fields):
@@ -140,6 +168,13 @@ def _config_edit(**fields):
     (lambda h: h["__metadata__"].update(tokenizer='{"kind": 5}'), "unknown tokenizer kind 5"),
     (lambda h: h["__metadata__"].update(tokenizer='{"kind": "hf", "tokenizer_json": 5}'), "damaged tokenizer"),
     (lambda h: h["norm.weight"].update(dtype="I32"), "tensor norm.weight is torch.int32, expected floating-point"),
+    (_config_edit(hadamard_down=True), "hadamard_down=True contradicts the recipe (rtn)"),
+    (_config_edit(hadamard_qk=True), "hadamard_qk=True contradicts hadamard_down=False with a float KV cache"),
+    (_scheme_edit(lambda s: s["linear"].update(act=None)), "is not the one its recipe's rtn step used"),
+    (_scheme_edit(lambda s: s["linear"]["weight"].update(scale_dtype="float32"), recipe_too=True),
+     "tensor layers.0.self_attn.q_proj.scales is torch.float16, expected torch.float32"),
+    (_tokenizer_edit(lambda t: t["model"]["vocab"].update(zzz=999)),
+     "the tokenizer has token ids up to 999, but the model's vocabulary has 256 entries"),
 ])
 def test_a_damaged_packed_header_is_refused(tiny, capsys, change, match):
     _, packed = tiny
@@ -156,6 +191,63 @@ def test_a_scheme_that_quantizes_no_block_linear_is_refused(tiny, tmp_path, caps
     write_json(tmp_path / "r.json", data)
     refused(capsys, "quantize", d, "--recipe", tmp_path / "r.json", "-o", tmp_path / "o.safetensors",
             match="it quantizes no block linear")
+
+
+def test_every_flipped_bit_is_caught(tiny, tmp_path, capsys):
+    """One bit flipped in any byte of the header, or anywhere in the tensor data, and a file cut short or added
+    to: `inspect --verify` refuses every one, and so does loading (unless told not to check the tensors)."""
+    from pocketquant.checkpoints import integrity
+    from pocketquant.errors import PocketQuantError
+    from pocketquant.inspect import verify
+
+    _, packed = tiny
+    data = packed.read_bytes()
+    _, start, _ = integrity.raw_header(packed)
+    damaged = tmp_path / "damaged.safetensors"
+    positions = [*range(start), *range(start, len(data), 97), len(data) - 1]
+    accepted = []
+    for i in positions:
+        flipped = bytearray(data)
+        flipped[i] ^= 1 << (i % 8)
+        damaged.write_bytes(flipped)
+        try:
+            verify(damaged)
+            accepted.append(i)
+        except PocketQuantError:
+            pass
+    for cut in (data[:-1], data + b"\0", data[:start + 100]):
+        damaged.write_bytes(cut)
+        with pytest.raises(PocketQuantError, match="cut short or added to|damaged tensor data|not a readable"):
+            verify(damaged)
+    assert accepted == [], f"{len(accepted)} of {len(positions)} flipped files accepted"
+    flipped = bytearray(data)
+    flipped[len(data) - 200] ^= 0x10
+    damaged.write_bytes(flipped)
+    refused(capsys, "inspect", damaged, "--verify", match="damaged tensor data")
+    refused(capsys, "generate", damaged, "--prompt", "hi", "--max-new-tokens", "1", match="damaged tensor data")
+    assert cli(capsys, "generate", damaged, "--prompt", "hi", "--max-new-tokens", "1", "--no-verify")[0] == 0
+    code, out, _ = cli(capsys, "inspect", packed, "--verify")
+    assert code == 0 and out.startswith("verified: the header (SHA-256) and all 37 tensors (CRC-32)")
+
+
+def test_a_header_that_says_format_1_0_is_still_verified_if_it_has_checksums(tiny, capsys):
+    _, packed = tiny
+    rewrite_safetensors_header(packed, lambda h: h["__metadata__"].update(format_version="1.0"), reseal=False)
+    refused(capsys, "inspect", packed, match="the header is damaged")
+
+
+def test_files_of_format_1_0_without_checksums_still_load(tiny, capsys):
+    from pocketquant.checkpoints import integrity
+
+    _, packed = tiny
+
+    def as_written_by_1_0(header):
+        meta = header["__metadata__"]
+        meta["format_version"] = "1.0"
+        del meta[integrity.HEADER_KEY], meta[integrity.TENSORS_KEY]
+    rewrite_safetensors_header(packed, as_written_by_1_0, reseal=False)
+    assert cli(capsys, "generate", packed, "--prompt", "hi", "--max-new-tokens", "2")[0] == 0
+    refused(capsys, "inspect", packed, "--verify", match="format 1.0 files have no checksums to verify")
 
 
 def test_a_refused_run_does_not_block_the_corrected_one(tiny, tmp_path, capsys):

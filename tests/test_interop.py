@@ -125,10 +125,50 @@ def _edit(tmp_path, state_change=None, params_change=None):
     (None, lambda p: p.pop("lora_args"), "adaptors but no valid lora_args"),
     (lambda s: s.update({"layers.0.attention.wq.adaptor.C.weight": torch.zeros(2)}), None, "unrecognized tensors"),
     (lambda s: s.update({"layers.0.attention.wq.zeros": torch.ones(192, 6)}), None, "nonzero zero points"),
+    (lambda s: s["layers.1.attention.wv.scales"].__setitem__((5, 1), 0.0), None,
+     r"layers.1.attention.wv.scales: 1 scales are 0 or not finite \(the first at row 5, group 1\)"),
+    (lambda s: s["output.scales"].__setitem__(7, float("nan")), None, "output.scales: 1 scales are 0 or not finite"),
+    (lambda s: s["layers.0.feed_forward.w3.weight"].zero_(), None, "layers.0.feed_forward.w3.weight: every value is 0"),
+    (lambda s: s["norm.weight"].zero_(), None, "norm.weight: every value is 0"),
 ])
 def test_a_damaged_meta_checkpoint_is_refused_clearly(tmp_path, state_change, params_change, message):
     with pytest.raises(PocketQuantError, match=message):
         import_quantized(_edit(tmp_path, state_change, params_change))
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_meta_checkpoint_with_a_zeroed_third_is_refused(tmp_path, where):
+    """The .pth's own CRC-32s catch what the loader cannot see: a third of the file zeroed loads as valid-looking
+    tensors (torch.load does not check them)."""
+    folder = _edit(tmp_path)
+    pth = folder / "consolidated.00.pth"
+    data = bytearray(pth.read_bytes())
+    third = len(data) // 3
+    start = {"first": 0, "middle": third, "last": 2 * third}[where]
+    data[start:start + third] = bytes(third)
+    pth.write_bytes(data)
+    with pytest.raises(PocketQuantError, match="damaged|not a readable PyTorch checkpoint"):
+        import_quantized(folder)
+    data = bytearray(_edit(tmp_path / "again").joinpath("consolidated.00.pth").read_bytes())
+    data[len(data) // 2] ^= 4  # one bit, inside a tensor's record
+    pth.write_bytes(data)
+    with pytest.raises(PocketQuantError, match="Bad CRC-32"):
+        import_quantized(folder)
+
+
+def test_a_gguf_with_an_all_zero_tensor_is_refused(tmp_path):
+    import gguf
+
+    from pocketquant.export.gguf import export_gguf
+
+    export_gguf(_quantized(), None, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    t = next(t for t in reader.tensors if t.name == "blk.1.ffn_up.weight")
+    data = bytearray((tmp_path / "m.gguf").read_bytes())
+    data[t.data_offset:t.data_offset + t.n_bytes] = bytes(t.n_bytes)
+    (tmp_path / "m.gguf").write_bytes(data)
+    with pytest.raises(PocketQuantError, match="tensor blk.1.ffn_up.weight is all zeros"):
+        import_quantized(tmp_path / "m.gguf")
 
 
 def _quantized(scale_rule=None, lora=False, hadamard=False):

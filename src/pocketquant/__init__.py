@@ -17,13 +17,14 @@ __version__ = "0.1.0"
 __all__ = ["load", "quantize", "evaluate", "generate", "stream_generate"]
 
 
-def load(source, dtype: str = "float32", runtime: str = "fast"):
+def load(source, dtype: str = "float32", runtime: str = "fast", verify: bool = True):
     """The model `source` names (a known name such as smollm2-135m, a Hugging Face or Meta directory, a .gguf
     file or a packed .safetensors file) with its tokenizer: a LoadedModel (.model, .tokenizer). Packed files
-    run on the native kernels unless runtime="reference"."""
+    run on the native kernels unless runtime="reference"; their tensors are checked against their checksums
+    first unless verify=False."""
     from pocketquant.runtime import load as load_runtime
 
-    return load_runtime(str(source), dtype, runtime)
+    return load_runtime(str(source), dtype, runtime, verify)
 
 
 def quantize(model_or_source, recipe="hadamard", out=None, progress: bool = True):

@@ -55,18 +55,22 @@ def kernel_paths(h) -> dict[str, str]:
         return paths_of(quantized_skeleton(Transformer(h.config), h.scheme))
 
 
-def report(path: Path) -> str:
-    """A human-readable description of a packed file."""
+def report(path: Path, tensors: bool = False) -> str:
+    """A human-readable description of a packed file: what it is, where its bytes go, what runs it; with
+    `tensors`, every tensor's dtype and shape too."""
     from pocketquant.runtime.engine import paths_lines
 
     h = read_header(path)
     table = tensor_table(path)
     int4 = {n for n, dtype, _ in table if n.endswith(".qweight") and dtype == "U8"}
     fam = sizes(path, int4)
+    c = h.config
+    shape = (f"{c.n_layers} layers, dim {c.dim}, {c.n_heads} heads ({c.n_kv_heads} KV), ffn {c.ffn_dim}, "
+             f"vocabulary {c.vocab_size:,}, context {c.max_seq_len:,}"
+             + ", tied" * c.tie_embeddings + ", R4" * c.hadamard_down + ", R3" * c.hadamard_qk)
     lines = [f"{path}  (pocketquant packed format {h.version}, {path.stat().st_size:,} bytes)", "",
-             "config: " + json.dumps(h.config.to_dict()), "scheme: " + h.scheme.to_json(),
-             "recipe: " + json.dumps(h.recipe),
-             "tokenizer: " + (h.tokenizer["kind"] if h.tokenizer else "none"), "",
+             f"model: {c.name or 'unnamed'}: {shape}", "config: " + json.dumps(c.to_dict()),
+             "scheme: " + h.scheme.to_json(), "recipe: " + " -> ".join(_step(s) for s in h.recipe), "tokenizer: " + (h.tokenizer["kind"] if h.tokenizer else "none"), "",
              f"{'family':<10} {'bytes':>14} {'weights':>14} {'bits/weight':>12}"]
     total = FamilySize()
     for name in FAMILIES:
@@ -78,6 +82,28 @@ def report(path: Path) -> str:
         lines.append(f"{name:<10} {f.bytes:>14,} {f.weights:>14,} {f.bits_per_weight:>12.3f}{note}")
     lines.append(f"{'total':<10} {total.bytes:>14,} {total.weights:>14,} {total.bits_per_weight:>12.3f}")
     lines += ["", "on this CPU's fast runtime:"] + paths_lines(kernel_paths(h))
+    if not tensors:
+        return "\n".join(lines + ["", f"{len(table)} tensors (--tensors lists them)"])
     lines += ["", f"{'tensor':<44} {'dtype':<5} shape"]
     lines += [f"{n:<44} {d:<5} {list(s)}" for n, d, s in table]
     return "\n".join(lines)
+
+
+def _step(step: dict) -> str:
+    """A recipe step without the scheme (the header shows it once): `gptq {"samples": 128, ...}`."""
+    options = {k: v for k, v in step.items() if k not in ("method", "version", "scheme")}
+    return f"{step.get('method')} {json.dumps(options)}" if options else str(step.get("method"))
+
+
+def verify(path: Path) -> str:
+    """Check a packed file's header and every tensor against their checksums -> a line saying so."""
+    from pocketquant.checkpoints import integrity
+    from pocketquant.checkpoints.packed import _raw_metadata, has_checksums
+    from pocketquant.errors import PocketQuantError
+
+    h = read_header(path)  # verifies the header's digest
+    if not has_checksums(_raw_metadata(path)):
+        raise PocketQuantError(f"{path}: format {h.version} files have no checksums to verify; quantize again "
+                               "(or replay its recipe with --recipe) to write one that has")
+    n = integrity.verify_tensors(path)
+    return f"verified: the header (SHA-256) and all {n} tensors (CRC-32) match their checksums"

@@ -138,7 +138,8 @@ def _known(d, what: str, fields: set[str], required: set[str] = frozenset()):
     if not isinstance(d, dict):
         raise ValueError(f"{what} must be an object, got {type(d).__name__}")
     if unknown := sorted(set(d) - fields):
-        raise ValueError(f"{what}: unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(fields))}")
+        raise ValueError(f"{what}: unknown field(s) {', '.join(map(repr, unknown))}; known: "
+                         f"{', '.join(sorted(fields))}")
     if missing := sorted(required - set(d)):
         raise ValueError(f"{what}: missing field(s) {', '.join(missing)}")
 

@@ -55,6 +55,13 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids))
 
+    def check_fits(self, vocab_size: int, source: str):
+        """Refuse a tokenizer that can produce ids the model has no embedding row for."""
+        largest = max(self.backend.max_id(), *self.special.values(), -1)
+        if largest >= vocab_size:
+            raise PocketQuantError(f"{source}: the tokenizer has token ids up to {largest:,}, but the model's "
+                                   f"vocabulary has {vocab_size:,} entries")
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render a conversation ([{"role", "content"}, ...]) as the prompt text the model was trained on."""
         if self.chat_template is None:
@@ -233,6 +240,9 @@ class _HFBackend:
     def decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=False)
 
+    def max_id(self) -> int:
+        return max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1)
+
 
 class _TiktokenBackend:
     def __init__(self, ranks_text: str):
@@ -251,6 +261,9 @@ class _TiktokenBackend:
 
     def decode(self, ids):
         return self.enc.decode(ids)
+
+    def max_id(self) -> int:
+        return self.enc.max_token_value
 
 
 def from_hf_dir(path: Path) -> Tokenizer:

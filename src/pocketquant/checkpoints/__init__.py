@@ -55,8 +55,10 @@ def resolve(source: str) -> Path | str:
     return path
 
 
-def load_model(source: str | Path, dtype: str | torch.dtype = torch.float32) -> LoadedModel:
-    """Load `source` (a path or a known name) as a `Transformer` in `dtype`, with its tokenizer."""
+def load_model(source: str | Path, dtype: str | torch.dtype = torch.float32, verify: bool = True) -> LoadedModel:
+    """Load `source` (a path or a known name) as a `Transformer` in `dtype`, with its tokenizer (which must not
+    produce ids beyond the model's vocabulary). `verify=False` skips the check of a packed file's tensor bytes
+    against their checksums (its header is always checked)."""
     dtype = parse_dtype(dtype)
     where = resolve(str(source))
     if isinstance(where, str):
@@ -66,7 +68,10 @@ def load_model(source: str | Path, dtype: str | torch.dtype = torch.float32) -> 
         from pocketquant.checkpoints.common import random_model
 
         return LoadedModel(random_model(SHAPES[shape], dtype), None, where)
-    return LoadedModel(*_load_path(where, dtype), str(where))
+    model, tokenizer = _load_path(where, dtype, verify)
+    if tokenizer is not None:
+        tokenizer.check_fits(model.config.vocab_size, str(where))
+    return LoadedModel(model, tokenizer, str(where))
 
 
 def load_float_model(source: str | Path, dtype: str | torch.dtype = torch.float32) -> LoadedModel:
@@ -132,12 +137,12 @@ def _meta_tokenizer(path: Path):
     return tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
 
 
-def _load_path(path: Path, dtype):
+def _load_path(path: Path, dtype, verify: bool = True):
     from pocketquant import tokenizer as tk
     from pocketquant.checkpoints import gguf, hf, meta, meta_int4, packed
 
     if packed.is_packed(path):
-        model, tokenizer, _ = packed.load_packed(path, dtype)
+        model, tokenizer, _ = packed.load_packed(path, dtype, verify)
         return model, tokenizer
     if path.is_file() and path.suffix == ".gguf":
         reader = gguf.open_gguf(path)

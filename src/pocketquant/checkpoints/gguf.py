@@ -149,6 +149,8 @@ def import_gguf(path: Path, scheme, dtype=torch.float32, reader=None):
     for name, t in found.items():
         if t is None:
             continue
+        if not np.any(t.data):  # every byte 0: no scale, no weight survives
+            raise PocketQuantError(f"{path}: tensor {t.name} is all zeros (a damaged file?); refusing to import it")
         module = skeleton.get_submodule(name.removesuffix(".weight"))
         if not isinstance(module, (QuantLinear, QuantEmbedding)):
             tensors[name] = _getter(t, name, config)

@@ -38,7 +38,31 @@ def hf_name(meta_name: str) -> str | None:
     return None
 
 
+def verify_zip(pth: Path):
+    """Refuse a .pth (a zip archive) any of whose records does not match the CRC-32 the zip stores for it:
+    torch.load reads records without checking them, so a damaged checkpoint would load as garbage. Records
+    written without a CRC (torch can be told to skip them: the field is then 0) are not checked."""
+    import zipfile
+
+    if not zipfile.is_zipfile(pth):
+        return  # torch.load says what it is
+    try:
+        with zipfile.ZipFile(pth) as z:
+            for info in z.infolist():
+                if info.CRC:
+                    with z.open(info) as f:  # zipfile compares the CRC-32 as the record's end is read
+                        while f.read(1 << 24):
+                            pass
+    except zipfile.BadZipFile as e:
+        raise PocketQuantError(f"{pth}: damaged ({e}): a truncated, zeroed or altered file; download or copy it "
+                               "again") from e
+    except (OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise PocketQuantError(f"{pth}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+
+
 def read_state(pth: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .pth, its records checked against their CRC-32 first, read with weights_only and mmap."""
+    verify_zip(pth)
     try:
         state = torch.load(pth, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -131,11 +131,15 @@ def _getter(t: torch.Tensor, name: str, config, scheme: QuantScheme, where: str)
         if name.endswith(".scales"):
             spec = scheme.embedding if name.startswith("embed_tokens") else \
                 scheme.output.weight if name.startswith("lm_head") else scheme.linear.weight
-            x = x.float().reshape(x.shape[0], -1).to(getattr(torch, spec.scale_dtype))
+            x = x.float().reshape(x.shape[0], -1)
+            _check_scales(x, where)
+            x = x.to(getattr(torch, spec.scale_dtype))
             if x.data_ptr() != t.data_ptr():  # a copy in another precision: the file's pages can go
                 drop_file_pages(t)
         elif integer:
             x = _checked_ints(x, 4 if name.startswith("layers.") else 8, where)
+        if ".lora." not in name and x.numel() and not bool(x.any()):  # (an adaptor's B may be 0: untrained)
+            raise PocketQuantError(f"{where}: every value is 0 (a damaged checkpoint?); refusing to import it")
         if heads and not name.endswith(".lora.A.weight"):  # rows of q/k outputs: Meta's order -> ours
             x = interleaved_to_half(x, heads)
         if integer and name.startswith("layers."):
@@ -143,6 +147,16 @@ def _getter(t: torch.Tensor, name: str, config, scheme: QuantScheme, where: str)
             drop_file_pages(t)  # the unpacked values, read in place from the .pth: no longer needed
         return x
     return get
+
+
+def _check_scales(scales: torch.Tensor, where: str):
+    """Refuse a scale of 0 (or NaN, or infinite): Meta's quantizer keeps every scale at least float32's epsilon,
+    so a 0 is a zeroed region of a damaged file, and it would make its whole group of weights 0."""
+    bad = ~(torch.isfinite(scales) & (scales != 0))
+    if bool(bad.any()):
+        row, group = (int(i) for i in bad.nonzero()[0])
+        raise PocketQuantError(f"{where}: {int(bad.sum()):,} scales are 0 or not finite (the first at row {row}, "
+                               f"group {group}): a damaged checkpoint; refusing to import it")
 
 
 def _checked_ints(t: torch.Tensor, bits: int, where: str) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The packed model file: one safetensors file holding integer weights, scales, float norms and a
-self-describing header (format + version, model config, scheme, recipe, tokenizer). No pickle."""
+self-describing header (format + version, model config, scheme, recipe, tokenizer), with checksums of the
+header and of every tensor (integrity.py). No pickle."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from pathlib import Path
 
 import torch
 
+from pocketquant.checkpoints import integrity
 from pocketquant.config import ModelConfig
 from pocketquant.errors import PocketQuantError
 from pocketquant.files import atomic_write
 from pocketquant.scheme import QuantScheme
 
 FORMAT_NAME = "pocketquant.packed"
-FORMAT_VERSION = "1.0"  # major.minor: a reader refuses another major version
+FORMAT_VERSION = "1.1"  # major.minor: a reader refuses another major version; 1.1 added the checksums
 
 
 @dataclass
@@ -49,6 +51,8 @@ def _raw_metadata(path: Path) -> dict:
 
 
 def read_header(path: Path) -> PackedHeader:
+    """The header of a packed file, its checksum verified (files of format 1.0 have none) and its parts checked
+    against each other."""
     meta = _raw_metadata(path)
     if meta.get("format") != FORMAT_NAME:
         raise PocketQuantError(f"{path}: not a pocketquant packed file (format {meta.get('format')!r})")
@@ -57,6 +61,8 @@ def read_header(path: Path) -> PackedHeader:
     if major != FORMAT_VERSION.split(".")[0]:
         raise PocketQuantError(f"{path}: packed format version {version!r} is not supported; this "
                                f"pocketquant reads version {FORMAT_VERSION.split('.')[0]}.x (upgrade pocketquant)")
+    if has_checksums(meta):
+        integrity.verify_header(path)
     try:
         header = PackedHeader(ModelConfig.from_json(meta["config"]), QuantScheme.from_json(meta["scheme"]),
                               json.loads(meta["recipe"]),
@@ -67,11 +73,38 @@ def read_header(path: Path) -> PackedHeader:
                                      and isinstance(lora.get("scale"), (int, float))
                                      and lora.get("dtype") in ("bfloat16", "float16", "float32")):
             raise ValueError(f"lora {lora}")
+        _check_consistent(header)
         return header
     except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
         raise PocketQuantError(f"{path}: damaged packed header ({type(e).__name__}: {str(e)[:200]})") from e
     except PocketQuantError as e:
         raise PocketQuantError(f"{path}: {e}") from e
+
+
+def has_checksums(meta: dict) -> bool:
+    """Whether a packed file's metadata says it has checksums: format 1.1 and later (or the digest is there,
+    whatever the version says: one flipped bit turns "1.1" into "1.0")."""
+    version = meta.get("format_version", "")
+    return integrity.HEADER_KEY in meta or version.split(".")[-1] not in ("", "0")
+
+
+def _check_consistent(h: PackedHeader):
+    """Refuse a header whose parts contradict each other: the scheme its recipe used, and the online rotations
+    only a rotation step (or an imported checkpoint) can have made."""
+    from pocketquant.scheme import QuantScheme as Scheme
+
+    if not isinstance(h.recipe, list) or not all(isinstance(step, dict) for step in h.recipe):
+        raise ValueError("the recipe is not a list of steps")
+    c, methods = h.config, [step.get("method") for step in h.recipe]
+    for step in h.recipe:
+        if "scheme" in step and Scheme.from_dict(step["scheme"]) != h.scheme:
+            raise ValueError(f"the scheme {h.scheme.name!r} is not the one its recipe's {step.get('method')} step "
+                             "used")
+    if c.hadamard_qk != (c.hadamard_down and h.scheme.kv_cache_bits == 8):
+        raise ValueError(f"hadamard_qk={c.hadamard_qk} contradicts hadamard_down={c.hadamard_down} with "
+                         f"{'an int8' if h.scheme.kv_cache_bits else 'a float'} KV cache")
+    if c.hadamard_down != ("spinquant" in methods) and "import" not in methods:
+        raise ValueError(f"hadamard_down={c.hadamard_down} contradicts the recipe ({' -> '.join(map(str, methods))})")
 
 
 def packed_tensors(model) -> dict[str, torch.Tensor]:
@@ -106,30 +139,37 @@ _DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16", torch.bflo
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
-    """Stream tensors into a safetensors file at `path` (we write it ourselves so that no temporary
-    file other than our own exists: the library's writer keeps one of its own)."""
-    header, offset = {"__metadata__": metadata}, 0
+    """Stream tensors into a safetensors file at `path`, sealed with checksums (integrity.seal). We write it
+    ourselves so that no temporary file other than our own exists: the library's writer keeps one of its own."""
+    table, crcs, offset = {}, {}, 0
     for name, t in tensors.items():
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        table[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        crcs[name] = integrity.crc32_hex(_bytes(t))
         offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    blob = integrity.header_bytes({"__metadata__": integrity.seal(metadata, table, crcs), **table})
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for t in tensors.values():
-            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+            f.write(_bytes(t))
 
 
-def load_packed(path: Path, dtype: torch.dtype = torch.float32):
-    """Load a packed file -> (model with QuantLinear modules, tokenizer or None, header)."""
+def _bytes(t: torch.Tensor):
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data
+
+
+def load_packed(path: Path, dtype: torch.dtype = torch.float32, verify: bool = True):
+    """Load a packed file -> (model with QuantLinear modules, tokenizer or None, header). With `verify`, every
+    tensor's bytes are checked against their checksum first (files of format 1.0 have none)."""
     from safetensors import SafetensorError, safe_open
 
     from pocketquant.checkpoints.common import assemble_quantized
     from pocketquant.tokenizer import Tokenizer
 
     header = read_header(path)
+    if verify and has_checksums(_raw_metadata(path)):
+        integrity.verify_tensors(path)
     try:
         handle = safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:

@@ -20,6 +20,9 @@ def add_model_options(p: argparse.ArgumentParser):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--runtime", default="fast", choices=["fast", "reference"],
                    help="for packed files: native kernels (default) or the reference definition")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="for packed files: skip checking every tensor against its checksum at load (the header is "
+                        "always checked)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser):
@@ -74,7 +77,7 @@ def open_model(args):
     from pocketquant.runtime import load
 
     set_threads(args.threads)
-    loaded = load(args.model, args.dtype, args.runtime)
+    loaded = load(args.model, args.dtype, args.runtime, args.verify)
     if loaded.tokenizer is None:
         raise PocketQuantError(f"{args.model} has no tokenizer, so it cannot run on text")
     return loaded

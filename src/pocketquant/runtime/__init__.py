@@ -5,14 +5,14 @@ from __future__ import annotations
 RUNTIMES = ("fast", "reference")
 
 
-def load(source, dtype="float32", runtime: str = "fast"):
+def load(source, dtype="float32", runtime: str = "fast", verify: bool = True):
     """`checkpoints.load_model`, then (for packed files) the native kernels unless runtime="reference"."""
     from pocketquant.checkpoints import load_model
     from pocketquant.errors import PocketQuantError
 
     if runtime not in RUNTIMES:
         raise PocketQuantError(f"unknown runtime {runtime!r}; expected one of {RUNTIMES}")
-    loaded = load_model(source, dtype)
+    loaded = load_model(source, dtype, verify)
     if runtime == "fast":
         from pocketquant.layers import QuantLinear
         from pocketquant.runtime import kernels
