@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pocketquant.cli import VERBS, build_parser
+from pocketquant.cli import VERBS, build_parser, main
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -77,3 +77,24 @@ def test_readme_python_api_runs_as_written(tmp_path):
     ppl, kl = map(float, lines[-1].split())
     assert 5 < ppl < 40 and 0 < kl < 1
     assert (tmp_path / "smollm2-rtn.safetensors").is_file()
+
+
+def test_progress_away_from_a_terminal_is_a_line_per_item(capsys):
+    from pocketquant import progress
+
+    lines = progress.bar(range(3, 6), desc="gptq", unit="layer", initial=3, total=6)
+    lines.set_postfix(loss="1.5")
+    assert list(lines) == [3, 4, 5]
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "gptq: 3 of 6 layers done, starting"
+    assert [line.split(",")[0] for line in err[1:]] == ["gptq: 4 of 6 layers", "gptq: 5 of 6 layers",
+                                                         "gptq: 6 of 6 layers"]
+    assert "left" in err[1] and "left" not in err[3] and err[3].endswith("(loss=1.5)")
+
+
+def test_an_option_of_another_verb_is_refused_with_this_verbs_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "x", "--prompt", "hi", "--calib-len", "3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: pocketquant generate" in err
+    assert "unrecognized arguments: --calib-len 3 (pocketquant generate -h lists its options)" in err

@@ -94,8 +94,14 @@ def test_a_killed_run_resumes_after_its_last_finished_layer(tiny_text_dir, tmp_p
 
     calls.clear()
     monkeypatch.setattr(gptq, "gptq_weight", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    resumed = gptq.apply(_model(tiny_text_dir), config, tokens, state_dir=state)
+    notes, shown = [], []
+
+    def progress(items, **kw):  # what the progress bar is given: the layers left, counted from the first
+        shown.append((list(items), kw["initial"], kw["total"]))
+        return items
+    resumed = gptq.apply(_model(tiny_text_dir), config, tokens, progress=progress, state_dir=state, note=notes.append)
     assert len(calls) == 7  # only layer 1 was quantized again
+    assert shown == [([1], 1, 2)] and f"gptq: resuming from {state}: layers 0 to 0 of 2" in notes[0]
     gptq.gptq_state(state).remove()  # what the caller does once the result is written
     assert not state.exists()
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):

@@ -435,6 +435,7 @@ def test_output_that_is_a_directory_or_cannot_be_written(tiny, tmp_path, capsys,
     extra = ["--to", "gguf"] if verb == "export" else []
     (tmp_path / f"dir{suffix}").mkdir()
     refused(capsys, verb, d, *extra, "-o", tmp_path / f"dir{suffix}", match="is a directory")
+    refused(capsys, verb, d, *extra, "-o", tmp_path, match="is a directory")  # not "must end in"
     refused(capsys, verb, d, *extra, "-o", packed / f"x{suffix}", match="is not a directory")
     if os.geteuid() != 0:  # root writes anywhere
         (tmp_path / "ro").mkdir(mode=0o555)

@@ -71,10 +71,10 @@ def check_output(path: str | Path, inputs: Iterable = (), suffix: str | None = N
     """Refuse, before any work is done, an output that is a directory, lacks `suffix`, would replace a file
     one of `inputs` is made of (a file, or a file inside a model directory), or cannot be written."""
     path = Path(path)
-    if suffix and path.suffix != suffix:
-        raise PocketQuantError(f"the output file must end in {suffix}, got {path.name}")
     if path.is_dir():
         raise PocketQuantError(f"{path} is a directory; name the file to write")
+    if suffix and path.suffix != suffix:
+        raise PocketQuantError(f"the output file must end in {suffix}, got {path.name}")
     for source in inputs:
         if source is not None and _replaces(path, Path(str(source))):
             raise PocketQuantError(f"refusing to write {path}: it would replace {source}, an input of this command")

@@ -27,8 +27,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pocketquant", description="Quantize, evaluate and run small "
                                      "Llama-family models on a CPU.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    parser.verbs = {}  # verb -> its own parser
     for verb, help_text in VERBS.items():
-        p = sub.add_parser(verb, help=help_text, description=help_text)
+        p = parser.verbs[verb] = sub.add_parser(verb, help=help_text, description=help_text)
         if only in (None, verb):
             importlib.import_module(f"pocketquant.cli.{verb}").register(p)
     return parser
@@ -37,7 +38,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(verb if verb in VERBS else None).parse_args(argv)
+    parser = build_parser(verb if verb in VERBS else None)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the verb's own parser, with the verb's usage
+        parser.verbs[args.verb].error(f"unrecognized arguments: {' '.join(unknown)} (pocketquant {args.verb} -h lists its options)")
     try:
         return args.run(args) or 0
     except PocketQuantError as e:

@@ -13,12 +13,14 @@ def register(p):
     p.add_argument("--also", action="append", default=[], metavar="PACKED",
                    help="another packed file, or a Meta prequantized directory, to time in its own column "
                         "(repeatable), e.g. the same weights with an int8 KV cache")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", default=None, metavar="FILE")
-    p.add_argument("--plot", default=None, metavar="PNG")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of every column (default 2)")
+    p.add_argument("--prompt-tokens", type=int, default=512,
+                   help="prompt length: time to first token and prefill speed (default 512)")
+    p.add_argument("--decode-tokens", type=int, default=128, help="tokens generated for decode speed (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each configuration; the median is shown "
+                   "(default 3)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw the results as a bar chart")
     p.set_defaults(run=run)
 
 

@@ -38,7 +38,9 @@ class Context:
             raise PocketQuantError("this model has no tokenizer, and the recipe's steps need calibration text "
                                    "(rtn needs none: --method rtn)")
         if text not in self._encoded:
-            self._encoded[text] = self.tokenizer.encode(read_text(text) if text else shipped_text("calibration"))
+            body = read_text(text) if text else shipped_text("calibration")
+            self.note(f"encoding the calibration text ({text or 'shipped'}: {len(body):,} characters)")
+            self._encoded[text] = self.tokenizer.encode(body)
         return self._encoded[text]
 
     def blocks(self, text: str | None, n: int, length: int, at_most: bool = False) -> torch.Tensor:
@@ -71,6 +73,13 @@ class Context:
         if (text, length) not in self._examples:
             self._examples[text, length] = training_examples(self.tokenizer, text, length)
         return self._examples[text, length]
+
+    def note(self, message: str):
+        """Say what is happening (on standard error), where progress is shown."""
+        if self.progress is not None and not self.rank:
+            from pocketquant.progress import note
+
+            note(message)
 
     def beside_out(self, suffix: str, every_rank: bool = False) -> Path | None:
         """OUT + suffix (OUT.gptq-state, ...); None without an output, or for all but the first process."""

@@ -76,7 +76,7 @@ class GPTQConfig:
         """GPTQ on the first `samples` blocks of `text`, checkpointed in OUT.gptq-state/ (kept until the
         packed file is written)."""
         return apply(model, self, ctx.blocks(self.text, self.samples, self.seq_len, at_most=True), ctx.progress,
-                     state_dir=ctx.beside_out(".gptq-state"))
+                     state_dir=ctx.beside_out(".gptq-state"), note=ctx.note)
 
 
 def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float = 0.01, act_order: bool = True,
@@ -166,10 +166,10 @@ def _shape(linear) -> tuple[int, int]:
 
 @torch.no_grad()
 def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress=None,
-          state_dir: str | Path | None = None, batch: int = 8) -> Transformer:
+          state_dir: str | Path | None = None, batch: int = 8, note=lambda message: None) -> Transformer:
     """Quantize `model` in place with GPTQ on calibration `tokens` [n, T]; embedding and output by RTN.
-    With `state_dir`, each finished layer is checkpointed there and a rerun resumes after it; the caller
-    removes it (`gptq_state(state_dir).remove()`) once the result is safely written. Runs on
+    With `state_dir`, each finished layer is checkpointed there and a rerun resumes after it (saying so to
+    `note`); the caller removes it (`gptq_state(state_dir).remove()`) once the result is safely written. Runs on
     the model's device (CPU, or CUDA when the model is there)."""
     scheme = config.scheme
     check_plan(model, scheme)
@@ -185,16 +185,21 @@ def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress
     cos, sin = model.rope(0, T, torch.float32)
     mask = model.attention_mask(0, T, False, tokens.device)
     x = state.inputs(model.device) if start else torch.cat([model.embed_tokens(t).float() for t in tokens.split(batch)])
-    layers = range(n_layers)
+
+    def layer_plan(i: int) -> dict:
+        return {s: plan[f"layers.{i}.{s}"] for s in INPUTS if plan[f"layers.{i}.{s}"] is not None}
+    for i in range(start):
+        state.restore(i, model.layers[i], layer_plan(i))
+    if start:
+        note(f"gptq: resuming from {state_dir}: layers 0 to {start - 1} of {n_layers} were done by an earlier run")
+    note(f"gptq: {n_layers - start} layers on {tokens.shape[0]} blocks of {T} tokens")
+    layers = range(start, n_layers)
     try:
-        for i in (progress(layers, desc="gptq", unit="layer") if progress else layers):
+        for i in (progress(layers, desc="gptq", unit="layer", initial=start, total=n_layers) if progress else layers):
             layer = model.layers[i]
-            layer_plan = {s: plan[f"layers.{i}.{s}"] for s in INPUTS if plan[f"layers.{i}.{s}"] is not None}
-            if i < start:
-                state.restore(i, layer, layer_plan)
-                continue
-            hessians = _hessians(layer, layer_plan, x, cos, sin, mask, batch)
-            for name, spec in layer_plan.items():
+            layer_plan_i = layer_plan(i)
+            hessians = _hessians(layer, layer_plan_i, x, cos, sin, mask, batch)
+            for name, spec in layer_plan_i.items():
                 linear = layer.get_submodule(name)
                 check_finite(linear.weight, f"layers.{i}.{name}")
                 q, scales = gptq_weight(linear.weight, hessians[INPUTS[name]], spec.weight, config.damp,

@@ -240,6 +240,10 @@ def quantize(source, steps, out: str | Path | None = None, progress: bool = True
     else:
         from pocketquant.checkpoints import load_float_model
 
+        if progress:
+            from pocketquant.progress import note
+
+            note(f"loading {source}")
         loaded = load_float_model(source, torch.float32)
         model, tokenizer = loaded.model, loaded.tokenizer
     rank = join_torchrun(model.device) if any(isinstance(s, (SpinQuantConfig, TrainConfig)) for s in steps) else 0

@@ -192,6 +192,10 @@ def train(model: Transformer, teacher: Transformer | None, config: TrainConfig, 
         if state and state["phase"] == index:
             optimizer.load_state_dict(state["optimizer"])
             start = state["step"]
+            if progress and rank == 0:
+                from pocketquant.progress import note
+
+                note(f"{phase}: resuming from {state_dir}: {start} of {steps} steps were done by an earlier run")
         net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
         model.train()
         steps_iter = range(start, steps)
