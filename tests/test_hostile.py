@@ -193,6 +193,7 @@ def test_a_scheme_that_quantizes_no_block_linear_is_refused(tiny, tmp_path, caps
             match="it quantizes no block linear")
 
 
+@pytest.mark.hostile
 def test_every_flipped_bit_is_caught(tiny, tmp_path, capsys):
     """One bit flipped in any byte of the header, or anywhere in the tensor data, and a file cut short or added
     to: `inspect --verify` refuses every one, and so does loading (unless told not to check the tensors)."""

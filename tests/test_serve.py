@@ -368,3 +368,16 @@ def test_serve_temperature_sets_the_default(guarded):
     runs = {c.chat.completions.create(model=c.models.list().data[0].id, messages=ask, max_tokens=12)
             .choices[0].message.content for _ in range(3)}
     assert len(runs) == 1  # greedy by default on this server
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--port", "0", "--port must be in 1..65535"), ("--parallel", "0", "--parallel must be at least 1"),
+    ("--temperature", "nan", "--temperature must be in [0, 2]"), ("--temperature", "2.5", "--temperature must be"),
+    ("--read-timeout", "0", "--read-timeout must be in (0, 3600]"),
+    ("--max-client-connections", "-3", "--max-client-connections must be at least 1"),
+])
+def test_bad_serve_options_are_refused_before_the_model_loads(option, value, words, capsys):
+    from pocketquant.cli import main
+
+    assert main(["serve", "no-such-model", option, value]) == 1  # refused before the model is looked for
+    assert words in capsys.readouterr().err

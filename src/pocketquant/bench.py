@@ -138,10 +138,15 @@ def _child(cfg, s, queue):
 def measure_isolated(cfg: Config, s: Settings) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(cfg, s, queue))
+    proc = ctx.Process(target=_child, args=(cfg, s, queue), daemon=True)
     proc.start()
-    result = queue.get()
-    proc.join()
+    try:
+        result = queue.get()
+        proc.join()
+    finally:  # interrupted (Ctrl-C): the measurement goes with us
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
     if "error" in result:
         raise PocketQuantError(f"{cfg.label}: {result['error']}")
     return result
@@ -194,9 +199,11 @@ def bench(packed: str, float_source: str | None, llama_cpp: bool = False, refere
           settings: Settings = Settings(), progress=print, also: tuple[str, ...] = ()) -> dict:
     """Benchmark the packed model against its float source and peers; ratios are against the first.
     `also`: more packed files (e.g. the same weights with an int8 KV cache), each its own column."""
-    from pocketquant.checkpoints import check_length
+    from pocketquant.checkpoints import check_length, check_source
     from pocketquant.runtime import kernels
 
+    if float_source is not None:  # refused now, not after the first column's measurement
+        check_source(float_source)
     for path in (packed, *also):
         length = settings.prompt_tokens + settings.decode_tokens + 1
         config = _config(Path(path), allow_meta=path != packed)

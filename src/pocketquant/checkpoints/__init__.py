@@ -62,12 +62,9 @@ def load_model(source: str | Path, dtype: str | torch.dtype = torch.float32, ver
     dtype = parse_dtype(dtype)
     where = resolve(str(source))
     if isinstance(where, str):
-        shape = where.removeprefix("random:")
-        if shape not in SHAPES:
-            raise PocketQuantError(f"unknown shape {shape!r}; expected one of {sorted(SHAPES)}")
         from pocketquant.checkpoints.common import random_model
 
-        return LoadedModel(random_model(SHAPES[shape], dtype), None, where)
+        return LoadedModel(random_model(_shape(where), dtype), None, where)
     model, tokenizer = _load_path(where, dtype, verify)
     if tokenizer is not None:
         tokenizer.check_fits(model.config.vocab_size, str(where))
@@ -137,23 +134,35 @@ def _meta_tokenizer(path: Path):
     return tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
 
 
-def _load_path(path: Path, dtype, verify: bool = True):
-    from pocketquant import tokenizer as tk
-    from pocketquant.checkpoints import gguf, hf, meta, meta_int4, packed
+def check_source(source: str | Path) -> str:
+    """What kind of model `source` is ("random", "packed", "gguf", "hf", "meta"), without reading its weights: a
+    source that `load_model` would refuse is refused now, with the same message."""
+    where = resolve(str(source))
+    if isinstance(where, str):
+        _shape(where)
+        return "random"
+    return _kind(where)
+
+
+def _shape(name: str):
+    """The ModelConfig of `random:SHAPE`."""
+    shape = name.removeprefix("random:")
+    if shape not in SHAPES:
+        raise PocketQuantError(f"unknown shape {shape!r}; expected one of {sorted(SHAPES)}")
+    return SHAPES[shape]
+
+
+def _kind(path: Path) -> str:
+    from pocketquant.checkpoints import hf, meta, packed
 
     if packed.is_packed(path):
-        model, tokenizer, _ = packed.load_packed(path, dtype, verify)
-        return model, tokenizer
+        return "packed"
     if path.is_file() and path.suffix == ".gguf":
-        reader = gguf.open_gguf(path)
-        return gguf.load_gguf(path, dtype, reader), _gguf_tokenizer(reader, path)
+        return "gguf"
     if hf.is_hf_dir(path):
-        has_tok = (path / "tokenizer.json").exists()
-        return hf.load_hf(path, dtype), tk.from_hf_dir(path) if has_tok else None
+        return "hf"
     if meta.is_meta_dir(path):
-        quantized = meta.is_prequantized(path)
-        model = meta_int4.load_meta_quantized(path, dtype)[0] if quantized else meta.load_meta(path, dtype)
-        return model, _meta_tokenizer(path)
+        return "meta"
     if not path.is_file() and not path.is_dir():
         raise PocketQuantError(f"{path}: not a regular file or directory")
     if path.is_dir():
@@ -161,3 +170,22 @@ def _load_path(path: Path, dtype, verify: bool = True):
                                "params.json + consolidated.00.pth, or a .gguf file)")
     raise PocketQuantError(f"{path}: unsupported file type {path.suffix or '(none)'}; expected a .gguf file, "
                            "a pocketquant .safetensors file or a model directory")
+
+
+def _load_path(path: Path, dtype, verify: bool = True):
+    from pocketquant import tokenizer as tk
+    from pocketquant.checkpoints import gguf, hf, meta, meta_int4, packed
+
+    kind = _kind(path)
+    if kind == "packed":
+        model, tokenizer, _ = packed.load_packed(path, dtype, verify)
+        return model, tokenizer
+    if kind == "gguf":
+        reader = gguf.open_gguf(path)
+        return gguf.load_gguf(path, dtype, reader), _gguf_tokenizer(reader, path)
+    if kind == "hf":
+        has_tok = (path / "tokenizer.json").exists()
+        return hf.load_hf(path, dtype), tk.from_hf_dir(path) if has_tok else None
+    quantized = meta.is_prequantized(path)
+    model = meta_int4.load_meta_quantized(path, dtype)[0] if quantized else meta.load_meta(path, dtype)
+    return model, _meta_tokenizer(path)

@@ -41,11 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(verb if verb in VERBS else None)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the verb's own parser, with the verb's usage
-        parser.verbs[args.verb].error(f"unrecognized arguments: {' '.join(unknown)} (pocketquant {args.verb} -h lists its options)")
+        parser.verbs[args.verb].error(f"unrecognized arguments: {' '.join(unknown)} (pocketquant {args.verb} -h "
+                                      "lists its options)")
     try:
         return args.run(args) or 0
     except PocketQuantError as e:
         print(f"pocketquant {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `pocketquant inspect FILE | head -1`: the reader has all it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail
+        return 0
+    except OSError as e:  # the system refused a file operation (a name too long, a full disk, no permission)
+        where = f": {str(e.filename)[:200]}" if e.filename else ""
+        print(f"pocketquant {args.verb}: error: {e.strerror or _first_line(e)}{where}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as e:
         if not isinstance(e, MemoryError) and "allocate" not in str(e):
@@ -56,11 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `pocketquant inspect FILE | head -1`: the reader has all it wanted
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail
-        return 0
 
 
 def _first_line(e: BaseException) -> str:

@@ -28,13 +28,21 @@ def run(args) -> int:
     import sys
 
     from pocketquant.bench import Settings, bench, plot, table, write_json
+    from pocketquant.cli.common import available_cpus
     from pocketquant.errors import PocketQuantError
     from pocketquant.files import check_output
 
     if min(args.threads, args.prompt_tokens, args.decode_tokens, args.repeats) < 1:
         raise PocketQuantError("--threads, --prompt-tokens, --decode-tokens and --repeats must be >= 1")
+    if args.repeats > 100:
+        raise PocketQuantError(f"--repeats {args.repeats} is more than the 100 runs a median needs")
+    cpus = available_cpus()
+    if args.threads > cpus:
+        print(f"pocketquant: --threads {args.threads} is more than the {cpus} CPUs available; using {cpus}",
+              file=sys.stderr)
+        args.threads = cpus
     for out, suffix in ((args.json, None), (args.plot, ".png")):
-        if out:  # refused now, not after the benchmark
+        if out is not None:  # refused now, not after the benchmark ("" is no file name either)
             check_output(out, [args.packed, args.float_source, *args.also], suffix)
     settings = Settings(args.threads, args.prompt_tokens, args.decode_tokens, args.repeats)
     result = bench(args.packed, args.float_source, args.llama_cpp, args.reference, settings,

@@ -33,12 +33,16 @@ def run(args) -> int:
     from pocketquant.cli.common import set_threads
     from pocketquant.eval.report import table, write_json, write_report
     from pocketquant.eval.run import evaluate
+    from pocketquant.errors import PocketQuantError
     from pocketquant.files import check_output
 
     inputs = [*args.models, args.data, *(args.tasks or [])]
+    if args.report == "":
+        raise PocketQuantError("--report needs the name of a directory to write the report in")
     outputs = [args.json] + ([Path(args.report) / "report.md", Path(args.report) / "plot.png"] if args.report else [])
-    for out in filter(None, outputs):  # refused now, not after the evaluation
-        check_output(out, inputs)
+    for out in outputs:  # refused now, not after the evaluation ("" is no file name either)
+        if out is not None:
+            check_output(out, inputs)
     set_threads(args.threads)
     result = evaluate(args.models, args.data, args.tasks, args.context, args.stride, args.limit,
                       args.fake_quant, args.dtype, runtime=args.runtime)
