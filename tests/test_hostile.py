@@ -173,6 +173,8 @@ def _config_edit(**fields):
     (_scheme_edit(lambda s: s["linear"].update(act=None)), "is not the one its recipe's rtn step used"),
     (_scheme_edit(lambda s: s["linear"]["weight"].update(scale_dtype="float32"), recipe_too=True),
      "tensor layers.0.self_attn.q_proj.scales is torch.float16, expected torch.float32"),
+    (lambda h: h["__metadata__"].update(lora='{"rank": 4, "scale": 2.0, "dtype": "bfloat16"}'),
+     "the header says the file holds LoRA adapters, but it has none"),
     (_tokenizer_edit(lambda t: t["model"]["vocab"].update(zzz=999)),
      "the tokenizer has token ids up to 999, but the model's vocabulary has 256 entries"),
 ])

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import hf_model, save_byte_tokenizer, write_json
-from servers import CHAT_TEMPLATE, rss_bytes, serving, tiny_chat_model
+from servers import rss_bytes, serving, tiny_chat_model
 from pocketquant.cli import build_parser, main
 from pocketquant.files import sha256_of
 
@@ -65,12 +64,8 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     inputs = root / "inputs"
     inputs.mkdir()
-    model = inputs / "tiny"
-    hf_model(tie_word_embeddings=True, rope_scaling=None).save_pretrained(model)
-    save_byte_tokenizer(model)
-    write_json(model / "tokenizer_config.json", {"chat_template": CHAT_TEMPLATE})
-    packed = inputs / "tiny.safetensors"
-    assert main(["quantize", str(model), "-o", str(packed), "--method", "rtn"]) == 0
+    packed = tiny_chat_model(inputs)
+    model = packed.with_suffix("")  # the model folder beside it
     (inputs / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 400)
     from pocketquant.quant import recipe
 

@@ -174,6 +174,8 @@ def load_packed(path: Path, dtype: torch.dtype = torch.float32, verify: bool = T
         handle = safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
         raise PocketQuantError(f"{path}: damaged tensor data: {e}") from e
+    if header.lora and not any(".lora." in k for k in handle.keys()):
+        raise PocketQuantError(f"{path}: the header says the file holds LoRA adapters, but it has none")
     try:
         tensors = {k: (lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
         model = assemble_quantized(header.config, header.scheme, tensors, dtype, str(path), header.lora)
