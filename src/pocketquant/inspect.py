@@ -70,7 +70,8 @@ def report(path: Path, tensors: bool = False) -> str:
              + ", tied" * c.tie_embeddings + ", R4" * c.hadamard_down + ", R3" * c.hadamard_qk)
     lines = [f"{path}  (pocketquant packed format {h.version}, {path.stat().st_size:,} bytes)", "",
              f"model: {c.name or 'unnamed'}: {shape}", "config: " + json.dumps(c.to_dict()),
-             "scheme: " + h.scheme.to_json(), "recipe: " + " -> ".join(_step(s) for s in h.recipe), "tokenizer: " + (h.tokenizer["kind"] if h.tokenizer else "none"), "",
+             "scheme: " + h.scheme.to_json(), "recipe: " + " -> ".join(_step(s) for s in h.recipe),
+             "tokenizer: " + (h.tokenizer["kind"] if h.tokenizer else "none"), "",
              f"{'family':<10} {'bytes':>14} {'weights':>14} {'bits/weight':>12}"]
     total = FamilySize()
     for name in FAMILIES:

@@ -1,5 +1,6 @@
 """Progress of long work, with an ETA: a bar on a terminal; elsewhere (a log file, a CI job) a line per item (a
-layer, a step), or every few seconds for long runs of short items, so that long work is never silent. `note` says what a step is doing before its first item ends."""
+layer, a step), or every few seconds for long runs of short items, so that long work is never silent. `note`
+says what a step is doing before its first item ends."""
 
 from __future__ import annotations
 
