@@ -192,7 +192,7 @@ def test_a_scheme_that_quantizes_no_block_linear_is_refused(tiny, tmp_path, caps
     data["steps"][0]["scheme"]["overrides"] = [["layers.*", None]]
     write_json(tmp_path / "r.json", data)
     refused(capsys, "quantize", d, "--recipe", tmp_path / "r.json", "-o", tmp_path / "o.safetensors",
-            match="it quantizes no block linear")
+            match="quantizes no block linear")
 
 
 @pytest.mark.hostile
@@ -286,6 +286,20 @@ def test_malformed_tokenizer_files(tiny, capsys):
     (d / "tokenizer_config.json").write_text("{}")
     (d / "chat_template.jinja").write_bytes(b"\xff{{ messages }}")
     refused(capsys, "generate", d, "--prompt", "hi", "--chat", match="not UTF-8 text")
+
+
+def test_added_tokens_past_the_vocabulary_are_a_warning_and_text_holding_them_is_refused(tiny, capsys):
+    d, _ = tiny
+    spec = json.loads((d / "tokenizer.json").read_text())
+    spec["added_tokens"] = [{"id": 256, "content": "<pad>", "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True}]
+    write_json(d / "tokenizer.json", spec)
+    with pytest.warns(UserWarning, match="added tokens go up to id 256, past the model's 256 entries"):
+        assert cli(capsys, "generate", d, "--prompt", "hi", "--max-new-tokens", "1")[0] == 0
+    refused(capsys, "generate", d, "--prompt", "hi <pad>", match="the text holds a token (id 256) the model has no")
+    spec["model"]["vocab"]["zz"] = 300  # an id of the vocabulary itself: refused
+    write_json(d / "tokenizer.json", spec)
+    refused(capsys, "generate", d, "--prompt", "hi", match="the tokenizer has token ids up to 300")
 
 
 def test_a_packed_file_is_not_quantized_again(tiny, capsys):

@@ -4,6 +4,7 @@ packed file's stored recipe replays to the same file."""
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -81,10 +82,13 @@ def test_recipe_files_round_trip_and_bad_ones_are_refused(tmp_path):
             recipe.read(path)
     for text, message in [("{not json", "is not valid JSON"), ("[" * 10_000 + "]" * 10_000, "nests 10,000 levels"),
                           ('{"version": 1' + "0" * 5000 + "}", "not valid JSON: ValueError: Exceeds the limit"),
-                          ("[" + " " * (2 << 20) + "]", "refusing JSON of more than 1,048,576")]:
+                          ("[" + " " * (2 << 20) + "]", "refusing JSON of more than 1,048,576"),
+                          ('["' + ' \\" ' * 200_000, "is not valid JSON")]:  # 800 KB of quotes, never closed
         path.write_text(text)
+        t0 = time.perf_counter()
         with pytest.raises(PocketQuantError, match=message):
             recipe.read(path)
+        assert time.perf_counter() - t0 < 5  # looked at in one pass
 
 
 @pytest.mark.parametrize("method", [["rtn"], pytest.param(["gptq", *SMALL_GPTQ], marks=pytest.mark.slow),

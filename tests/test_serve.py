@@ -180,6 +180,26 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
         pytest.fail("the slot of a closed stream stayed taken")
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_before_its_answer_frees_its_slot(server, stream):
+    """Gone before the first event of its stream (which then never starts) or while its whole answer is made: its
+    slot is free at once, not after the 480 tokens it asked for (2.4 s at 200 tok/s)."""
+    body = json.dumps({"model": "smol", "prompt": "Once upon a time", "max_tokens": 480, "temperature": 0,
+                       "stream": stream}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.3)  # admitted and decoding
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 10:
+        with urllib.request.urlopen(server + "/health", timeout=10) as r:
+            if json.loads(r.read())["active"] == 0:
+                break
+        time.sleep(0.05)
+    assert time.perf_counter() - t0 < 1.0, "the slot stayed taken after its client left"
+
+
 @pytest.mark.slow
 def test_32_concurrent_streams_equal_the_same_prompts_one_at_a_time(server):
     prompts = [[{"role": "user", "content": f"Count from {i} to {i + 5}, then name a color."}] for i in range(32)]
@@ -375,6 +395,7 @@ def test_serve_temperature_sets_the_default(guarded):
     ("--temperature", "nan", "--temperature must be in [0, 2]"), ("--temperature", "2.5", "--temperature must be"),
     ("--read-timeout", "0", "--read-timeout must be in (0, 3600]"),
     ("--max-client-connections", "-3", "--max-client-connections must be at least 1"),
+    ("--max-client-connections", "0", "--max-client-connections must be at least 1"),
 ])
 def test_bad_serve_options_are_refused_before_the_model_loads(option, value, words, capsys):
     from pocketquant.cli import main

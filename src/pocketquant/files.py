@@ -50,9 +50,14 @@ def json_depth(text: str) -> int:
     import re
 
     depth = deepest = 0
-    for bracket in re.findall(r"[\[\]{}]", re.sub(r'"(?:[^"\\]|\\.)*"', "", text)):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
+    # one pass: a string (closed or not: an open one runs to the end) is skipped whole, a bracket counted
+    for token in re.finditer(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]', text):
+        bracket = token.group()
+        if bracket in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif bracket in "]}":
+            depth -= 1
     return deepest
 
 

@@ -43,6 +43,7 @@ class Tokenizer:
         stops = [special[t] for t in (eos_token, *STOP_TOKENS) if t in special]
         self.stop_ids = frozenset(stops)
         self.pre = None  # llama.cpp's name for the pre-tokenizer, when known (GGUF export writes it)
+        self.id_limit: int | None = None  # ids at or past it have no embedding row (set by check_fits)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special-token strings in it map to their ids. BOS as the model expects,
@@ -50,17 +51,28 @@ class Tokenizer:
         ids = self.backend.encode(text)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
+        if self.id_limit is not None and ids and max(ids) >= self.id_limit:
+            raise PocketQuantError(f"the text holds a token (id {max(ids):,}) the model has no embedding for")
         return ids
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids))
 
     def check_fits(self, vocab_size: int, source: str):
-        """Refuse a tokenizer that can produce ids the model has no embedding row for."""
-        largest = max(self.backend.max_id(), *self.special.values(), -1)
+        """Refuse a tokenizer whose vocabulary has ids the model has no embedding row for. Added tokens beyond it (a
+        pad token some uploads add without growing the embedding) are only a warning, and text that would
+        encode to one of them is refused by `encode`."""
+        largest = self.backend.max_id(added=False)
         if largest >= vocab_size:
             raise PocketQuantError(f"{source}: the tokenizer has token ids up to {largest:,}, but the model's "
                                    f"vocabulary has {vocab_size:,} entries")
+        beyond = max(self.backend.max_id(added=True), *self.special.values(), -1)
+        if beyond >= vocab_size:
+            import warnings
+
+            warnings.warn(f"{source}: the tokenizer's added tokens go up to id {beyond:,}, past the model's "
+                          f"{vocab_size:,} entries; text holding them is refused", stacklevel=2)
+        self.id_limit = vocab_size
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render a conversation ([{"role", "content"}, ...]) as the prompt text the model was trained on."""
@@ -240,8 +252,8 @@ class _HFBackend:
     def decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=False)
 
-    def max_id(self) -> int:
-        return max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1)
+    def max_id(self, added: bool) -> int:
+        return max(self.tok.get_vocab(with_added_tokens=added).values(), default=-1)
 
 
 class _TiktokenBackend:
@@ -262,8 +274,8 @@ class _TiktokenBackend:
     def decode(self, ids):
         return self.enc.decode(ids)
 
-    def max_id(self) -> int:
-        return self.enc.max_token_value
+    def max_id(self, added: bool) -> int:
+        return self.enc.max_token_value if added else min(self.special.values()) - 1  # special ids come last
 
 
 def from_hf_dir(path: Path) -> Tokenizer:

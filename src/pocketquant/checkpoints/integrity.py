@@ -88,7 +88,7 @@ def verify_tensors(path: Path, threads: int = 2) -> int:
     except (KeyError, TypeError, ValueError) as e:
         raise PocketQuantError(f"{path}: the tensors' checksums are missing or damaged") from e
     table = {k: v for k, v in header.items() if k != "__metadata__"}
-    if set(crcs) != set(table):
+    if not isinstance(crcs, dict) or set(crcs) != set(table):
         raise PocketQuantError(f"{path}: the checksums name other tensors than the file holds")
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:

@@ -22,7 +22,8 @@ def register(p):
     p.add_argument("--read-timeout", type=float, default=15.0, metavar="SECONDS",
                    help="a request's headers, and then its body, must arrive within this time (default 15)")
     p.add_argument("--max-client-connections", type=int, default=None, metavar="N",
-                   help="connections one client address may hold (default: --parallel + --queue)")
+                   help="connections one client address may hold (default: --parallel + --queue, all the server "
+                        "takes at once; lower it where many clients share the server)")
     p.set_defaults(run=run)
 
 
@@ -38,7 +39,8 @@ def run(args) -> int:
     from pocketquant.server.app import create_app
     from pocketquant.server.http import make_server
 
-    per_client = args.max_client_connections or args.parallel + args.queue
+    per_client = args.max_client_connections
+    per_client = args.parallel + args.queue if per_client is None else per_client
     for name, value in (("parallel", args.parallel), ("ctx", args.ctx), ("queue", args.queue),
                         ("max-client-connections", per_client)):
         if value < 1:

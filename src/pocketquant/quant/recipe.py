@@ -87,9 +87,12 @@ def apply(model, *steps, ctx: Context | None = None):
     first checks what it needs (context length, enough text), so a bad recipe is refused before any work.
     `ctx.record` lists, after the run, the configs the packed file should store."""
     steps, ctx = check(steps), ctx or Context()
-    from pocketquant.layers import check_plan
+    from pocketquant.layers import check_plan, linear_plan
 
     check_plan(model, steps[0].scheme)
+    if all(spec is None for name, spec in linear_plan(model, steps[0].scheme).items() if name != "lm_head"):
+        raise PocketQuantError(f"scheme {steps[0].scheme.name!r} quantizes no block linear (every one would stay "
+                               "in float)")
     for s in steps:
         if hasattr(s, "check"):
             s.check(model, ctx)

@@ -16,6 +16,7 @@ import uuid
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
@@ -39,9 +40,8 @@ def create_app(engine: BatchEngine, tokenizer, model_name: str, api_key: str | N
         return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind="not_found_error"
                         if e.status_code == 404 else "invalid_request_error").response()
 
-    async def server_error(request, e: Exception):  # a bug: logged, answered, and the server lives on
-        log.error("internal error on %s %s:\n%s", request.method, request.url.path, traceback.format_exc())
-        return APIError(500, f"internal server error ({type(e).__name__})", kind="server_error").response()
+    async def server_error(request, e: Exception):  # a bug outside the completion routes
+        return _internal_error(request, e)
     return Starlette(routes=[Route("/health", api.health), Route("/v1/models", api.models),
                              Route("/v1/chat/completions", api.chat, methods=["POST"]),
                              Route("/v1/completions", api.completions, methods=["POST"])],
@@ -78,18 +78,21 @@ class _API:
             prompt, options = self._parse(body, chat)
             job = _Job(self.engine, self.tokenizer, prompt, options, self.name, chat)
             if not options["stream"]:
-                response = JSONResponse(await self._whole(job, chat))
+                response = JSONResponse(await self._whole(job, chat, request))
                 _log(request, 200, job, t0)
                 return response
             job.start()
-            return StreamingResponse(self._events(job, chat, options["include_usage"], request, t0),
-                                     media_type="text/event-stream")
+            return _JobStream(job, self._events(job, chat, options["include_usage"], request, t0))
         except APIError as e:
             _log(request, e.status, job, t0, e.message)
             return e.response()
         except PocketQuantError as e:  # the library refused the input
             _log(request, 400, job, t0, str(e))
             return APIError(400, str(e)).response()
+        except Exception as e:  # a bug: this request alone fails
+            if job is not None:
+                job.cancel()
+            return _internal_error(request, e)
 
     def _authorize(self, request: HTTPRequest):
         """`Authorization: Bearer KEY` (the scheme's name in any case), compared in constant time."""
@@ -123,13 +126,15 @@ class _API:
         options["max_tokens"] = options["max_tokens"] or room
         return prompt, options
 
-    async def _whole(self, job: "_Job", chat: bool) -> dict:
+    async def _whole(self, job: "_Job", chat: bool, request: HTTPRequest) -> dict:
         job.start()
         text, finish = "", None
+        watch = asyncio.ensure_future(_cancel_on_disconnect(request, job))
         try:
             async for piece, finish in job.pieces():
                 text += piece
         finally:
+            watch.cancel()
             job.cancel()  # a client that went away (or a shutdown) frees the slot at the next step
         choice = {"index": 0, "finish_reason": finish}
         choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
@@ -157,12 +162,43 @@ class _API:
             if include_usage:
                 yield f"data: {json.dumps({**head, 'choices': [], 'usage': job.usage()})}\n\n"
             yield "data: [DONE]\n\n"
-        except APIError as e:  # the engine failed this request after the stream began
+        except Exception as e:  # the engine failed this request after the stream began (or a bug did)
+            e = e if isinstance(e, APIError) else _internal_error(request, e, answer=False)
             status = e.status
             yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'code': None}})}\n\n"
         finally:
             job.cancel()  # a client that went away frees its slot at the next step
             _log(request, status, job, t0)
+
+
+class _JobStream(StreamingResponse):
+    """A stream of server-sent events that frees its job's slot however it ends, even when the client left before
+    the first event (then the events' generator never starts, and its own `finally` never runs)."""
+
+    def __init__(self, job: "_Job", events):
+        super().__init__(events, media_type="text/event-stream")
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
+
+
+async def _cancel_on_disconnect(request: HTTPRequest, job: "_Job"):
+    """Cancel `job` when its client goes away (the body is read: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+
+
+def _internal_error(request: HTTPRequest, e: Exception, answer: bool = True):
+    """Log a bug with its traceback, once; its 500 response (or, with answer=False, the APIError)."""
+    log.error("internal error on %s %s:\n%s", request.method, request.url.path,
+              "".join(traceback.format_exception(e)))
+    error = APIError(500, f"internal server error ({type(e).__name__})", kind="server_error")
+    return error.response() if answer else error
 
 
 def _head(job, chat: bool, chunk: bool) -> dict:
@@ -185,16 +221,18 @@ async def _read_body(request: HTTPRequest, seconds: float) -> bytes:
         raise APIError(413, f"request bodies are limited to {MAX_BODY:,} bytes")
 
     async def read() -> bytes:
-        data = b""
+        data = bytearray()
         async for part in request.stream():
             data += part
             if len(data) > MAX_BODY:
                 raise APIError(413, f"request bodies are limited to {MAX_BODY:,} bytes")
-        return data
+        return bytes(data)
     try:
         return await asyncio.wait_for(read(), seconds)
     except asyncio.TimeoutError as e:
         raise APIError(408, f"the request body did not arrive within {seconds:g} s") from e
+    except ClientDisconnect as e:  # nobody to answer; the log says what happened
+        raise APIError(400, "the client closed the connection before its body arrived") from e
 
 
 class _Job:

@@ -1,7 +1,8 @@
-"""The HTTP side of `serve`: uvicorn with its h11 protocol, plus what uvicorn has no setting for. A client must
-send each request's line and headers within `read_timeout` seconds of connecting (or of its previous response),
-and one client address may hold at most `per_client` connections: slow or greedy clients cannot starve the
-others. (The body's deadline is the app's, the same number of seconds.)"""
+"""The HTTP side of `serve`: uvicorn with its h11 protocol (no WebSockets), plus what uvicorn has no setting for.
+A client must send each request's line and headers within `read_timeout` seconds of connecting (or of its
+previous response), so slow clients cannot hold connections open; and one client address may hold at most
+`per_client` connections (its requests beyond them get 503). (The body's deadline is the app's, the same number
+of seconds.)"""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def make_server(app, host: str, port: int, per_client: int, read_timeout: float)
 
     class Protocol(_Guarded):
         limit, open_by_client, header_seconds = per_client, counts, read_timeout
-    config = uvicorn.Config(app, host=host, port=port, http=Protocol, log_level="warning",
+    config = uvicorn.Config(app, host=host, port=port, http=Protocol, ws="none", log_level="warning",
                             timeout_keep_alive=5, h11_max_incomplete_event_size=16 << 10)
     return uvicorn.Server(config)
 
