@@ -20,9 +20,13 @@ def pytest_collection_modifyitems(config, items):
     if config.getoption("--slow"):
         return
     skip = pytest.mark.skip(reason="slow: run the whole suite with --slow")
+    hostile = "hostile" in (config.getoption("markexpr") or "")
+    skip_hostile = pytest.mark.skip(reason="the hostile tier: run it with -m hostile, or the whole suite with --slow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+        elif "hostile" in item.keywords and not hostile:
+            item.add_marker(skip_hostile)
 
 
 def hf_config(**overrides):

@@ -1,4 +1,4 @@
-"""Generated hostile input, a tier of its own (`pytest -m hostile` runs it alone; it is part of every run).
+"""Generated hostile input, a tier of its own: `pytest -m hostile` runs it alone, `--slow` (CI) with the rest.
 
 Command lines: for each verb, a cheap valid command on a tiny model, then every option (and the positional
 arguments) given each hostile value of its kind, one at a time, plus options that belong to no verb, missing
@@ -119,10 +119,11 @@ def cases(verb: str, w: dict) -> list[list[str]]:
     """The valid command, then each option (or positional) set to each hostile value, then structural damage."""
     base = base_command(verb, w)
     actions = [a for a in build_parser(verb).verbs[verb]._actions if a.dest != "help" and a.nargs != 0]
-    out = [base]
+    out = [base] if verb != "bench" else []  # (a whole bench takes 15 s; tests/test_runtime_export.py runs one)
     for action in actions:
         for value in hostile_values(action, w):
-            out.append(_with(base, action, value))
+            if not (verb == "bench" and action.dest == "threads" and value == INTS[-1]):  # valid: capped
+                out.append(_with(base, action, value))
     out += [base + ["--bogus-option"], base + ["--calib-len", "3"] * (verb != "quantize"), base[1:],
             base + [base[-2]] if base[-2].startswith("-") else base + ["-o"], []]
     return [c for c in out if c is not None]
@@ -215,7 +216,7 @@ def test_generated_command_lines(world, verb):
     print(f"\n{verb}: {counts['ok'] + counts['refused']} command lines, {counts['ok']} ran, {counts['refused']} "
           f"refused, {len(problems)} problems")
     assert not problems, "\n".join(problems[:20])
-    assert counts["ok"] >= 1 and counts["refused"] >= 10
+    assert counts["ok"] >= (verb != "bench") and counts["refused"] >= 10
 
 
 # --- the server -------------------------------------------------------------------------------------------------
