@@ -99,11 +99,10 @@ def _step(step: dict) -> str:
 def verify(path: Path) -> str:
     """Check a packed file's header and every tensor against their checksums -> a line saying so."""
     from pocketquant.checkpoints import integrity
-    from pocketquant.checkpoints.packed import _raw_metadata, has_checksums
     from pocketquant.errors import PocketQuantError
 
     h = read_header(path)  # verifies the header's digest
-    if not has_checksums(_raw_metadata(path)):
+    if not h.checksummed:
         raise PocketQuantError(f"{path}: format {h.version} files have no checksums to verify; quantize again "
                                "(or replay its recipe with --recipe) to write one that has")
     n = integrity.verify_tensors(path)

@@ -28,6 +28,7 @@ class PackedHeader:
     tokenizer: dict | None
     version: str
     lora: dict | None = None  # {"rank", "scale", "dtype"} of the LoRA adapters the file holds
+    checksummed: bool = False  # the file carries checksums (format 1.1 on); the header's were verified
 
 
 def is_packed(path: Path, if_unreadable: bool = True) -> bool:
@@ -67,7 +68,7 @@ def read_header(path: Path) -> PackedHeader:
         header = PackedHeader(ModelConfig.from_json(meta["config"]), QuantScheme.from_json(meta["scheme"]),
                               json.loads(meta["recipe"]),
                               json.loads(meta["tokenizer"]) if meta.get("tokenizer") else None, version,
-                              json.loads(meta["lora"]) if meta.get("lora") else None)
+                              json.loads(meta["lora"]) if meta.get("lora") else None, has_checksums(meta))
         lora = header.lora
         if lora is not None and not (isinstance(lora.get("rank"), int) and 0 < lora["rank"] <= 4096
                                      and isinstance(lora.get("scale"), (int, float))
@@ -91,13 +92,11 @@ def has_checksums(meta: dict) -> bool:
 def _check_consistent(h: PackedHeader):
     """Refuse a header whose parts contradict each other: the scheme its recipe used, and the online rotations
     only a rotation step (or an imported checkpoint) can have made."""
-    from pocketquant.scheme import QuantScheme as Scheme
-
     if not isinstance(h.recipe, list) or not all(isinstance(step, dict) for step in h.recipe):
         raise ValueError("the recipe is not a list of steps")
     c, methods = h.config, [step.get("method") for step in h.recipe]
     for step in h.recipe:
-        if "scheme" in step and Scheme.from_dict(step["scheme"]) != h.scheme:
+        if "scheme" in step and QuantScheme.from_dict(step["scheme"]) != h.scheme:
             raise ValueError(f"the scheme {h.scheme.name!r} is not the one its recipe's {step.get('method')} step "
                              "used")
     if c.hadamard_qk != (c.hadamard_down and h.scheme.kv_cache_bits == 8):
@@ -168,7 +167,7 @@ def load_packed(path: Path, dtype: torch.dtype = torch.float32, verify: bool = T
     from pocketquant.tokenizer import Tokenizer
 
     header = read_header(path)
-    if verify and has_checksums(_raw_metadata(path)):
+    if verify and header.checksummed:
         integrity.verify_tensors(path)
     try:
         handle = safe_open(str(path), framework="pt")

@@ -28,7 +28,7 @@ def run(args) -> int:
     import sys
 
     from pocketquant.bench import Settings, bench, plot, table, write_json
-    from pocketquant.cli.common import available_cpus
+    from pocketquant.cli.common import capped_threads
     from pocketquant.errors import PocketQuantError
     from pocketquant.files import check_output
 
@@ -36,11 +36,7 @@ def run(args) -> int:
         raise PocketQuantError("--threads, --prompt-tokens, --decode-tokens and --repeats must be >= 1")
     if args.repeats > 100:
         raise PocketQuantError(f"--repeats {args.repeats} is more than the 100 runs a median needs")
-    cpus = available_cpus()
-    if args.threads > cpus:
-        print(f"pocketquant: --threads {args.threads} is more than the {cpus} CPUs available; using {cpus}",
-              file=sys.stderr)
-        args.threads = cpus
+    args.threads = capped_threads(args.threads)
     for out, suffix in ((args.json, None), (args.plot, ".png")):
         if out is not None:  # refused now, not after the benchmark ("" is no file name either)
             check_output(out, [args.packed, args.float_source, *args.also], suffix)

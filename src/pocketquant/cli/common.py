@@ -36,8 +36,6 @@ def add_sampling_options(p: argparse.ArgumentParser):
 def set_threads(threads: int | None):
     """Use `threads` CPU threads: at least 1, and no more than the CPUs this process may run on (more only
     slow every kernel down)."""
-    import sys
-
     import torch
 
     from pocketquant.errors import PocketQuantError
@@ -45,12 +43,18 @@ def set_threads(threads: int | None):
     if threads is not None:
         if threads < 1:
             raise PocketQuantError(f"--threads must be >= 1, got {threads}")
-        cpus = available_cpus()
-        if threads > cpus:
-            print(f"pocketquant: --threads {threads} is more than the {cpus} CPUs available; using {cpus}",
-                  file=sys.stderr)
-            threads = cpus
-        torch.set_num_threads(threads)
+        torch.set_num_threads(capped_threads(threads))
+
+
+def capped_threads(threads: int) -> int:
+    """`threads`, lowered (with a warning) to the CPUs this process may run on."""
+    import sys
+
+    cpus = available_cpus()
+    if threads > cpus:
+        print(f"pocketquant: --threads {threads} is more than the {cpus} CPUs available; using {cpus}",
+              file=sys.stderr)
+    return min(threads, cpus)
 
 
 def available_cpus() -> int:

@@ -186,10 +186,10 @@ def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress
     mask = model.attention_mask(0, T, False, tokens.device)
     x = state.inputs(model.device) if start else torch.cat([model.embed_tokens(t).float() for t in tokens.split(batch)])
 
-    def layer_plan(i: int) -> dict:
+    def plan_of(i: int) -> dict:
         return {s: plan[f"layers.{i}.{s}"] for s in INPUTS if plan[f"layers.{i}.{s}"] is not None}
     for i in range(start):
-        state.restore(i, model.layers[i], layer_plan(i))
+        state.restore(i, model.layers[i], plan_of(i))
     if start:
         note(f"gptq: resuming from {state_dir}: layers 0 to {start - 1} of {n_layers} were done by an earlier run")
     note(f"gptq: {n_layers - start} layers on {tokens.shape[0]} blocks of {T} tokens")
@@ -197,9 +197,9 @@ def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress
     try:
         for i in (progress(layers, desc="gptq", unit="layer", initial=start, total=n_layers) if progress else layers):
             layer = model.layers[i]
-            layer_plan_i = layer_plan(i)
-            hessians = _hessians(layer, layer_plan_i, x, cos, sin, mask, batch)
-            for name, spec in layer_plan_i.items():
+            layer_plan = plan_of(i)
+            hessians = _hessians(layer, layer_plan, x, cos, sin, mask, batch)
+            for name, spec in layer_plan.items():
                 linear = layer.get_submodule(name)
                 check_finite(linear.weight, f"layers.{i}.{name}")
                 q, scales = gptq_weight(linear.weight, hessians[INPUTS[name]], spec.weight, config.damp,

@@ -8,7 +8,6 @@ import json
 
 from starlette.responses import JSONResponse
 
-from pocketquant.errors import PocketQuantError
 from pocketquant.runtime.generate import Sampling
 
 MAX_BODY = 1 << 20  # bytes of a request body
@@ -114,11 +113,8 @@ def options(body: dict, default_temperature: float) -> dict:
     if stream_options is not None and not (isinstance(stream_options, dict)
                                            and isinstance(stream_options.get("include_usage", False), bool)):
         raise APIError(400, 'stream_options must be an object such as {"include_usage": true}', "stream_options")
-    try:
-        sampling = Sampling(temperature=float(_number(body, "temperature", default_temperature, 0, 2)),
-                            top_p=float(_number(body, "top_p", 1.0, 0, 1, above_lo=True)),
-                            seed=_number(body, "seed", None, 0, SEED_LIMIT - 1, integer=True))
-    except PocketQuantError as e:  # unreachable after the checks above; a 400 all the same
-        raise APIError(400, str(e)) from e
+    sampling = Sampling(temperature=float(_number(body, "temperature", default_temperature, 0, 2)),
+                        top_p=float(_number(body, "top_p", 1.0, 0, 1, above_lo=True)),
+                        seed=_number(body, "seed", None, 0, SEED_LIMIT - 1, integer=True))
     return {"max_tokens": max_tokens, "stop": stop, "sampling": sampling, "stream": stream,
             "include_usage": bool((stream_options or {}).get("include_usage"))}
