@@ -337,8 +337,11 @@ def test_thousands_of_generated_requests(tmp_path):
         status, first = client.send("POST", "/v1/chat/completions", question, "application/json")
         assert status == 200
         answer = json.loads(first)["choices"][0]["message"]["content"]
-        statuses, problems, rss = {}, [], []
-        for i, (path, data, content_type) in enumerate(hostile_bodies(seed=27, count=2500)):
+        statuses, problems, first_pass, replay = {}, [], [], []
+        requests = list(hostile_bodies(seed=27, count=2500))
+        # the first 1,250 requests come again: every code path and allocation size has been seen once by then, so
+        # memory must not climb past the first pass's peak (a one-time step of the allocator is not a leak)
+        for i, (path, data, content_type) in enumerate(requests + requests[:1250]):
             method = "GET" if path in ("/v1/models", "/health") else "POST"
             t0 = time.perf_counter()
             status, body = client.send(method, path, data, content_type)
@@ -349,15 +352,14 @@ def test_thousands_of_generated_requests(tmp_path):
             elif status >= 400 and not json.loads(body).get("error", {}).get("message"):
                 problems.append(f"{status} without an OpenAI error object for {data[:200]!r}")
             if i >= 500 and i % 250 == 0:
-                rss.append(rss_bytes(proc.pid))
+                (first_pass if i <= 2500 else replay).append(rss_bytes(proc.pid))
             assert proc.poll() is None, f"the server died at request {i}: {path} {data[:300]!r}"
         client.close()
         status, last = _Client(url).send("POST", "/v1/chat/completions", question, "application/json")
         assert status == 200 and json.loads(last)["choices"][0]["message"]["content"] == answer
-    # resident memory swings by a few big requests' worth; what must not happen is growth from one half to the next
-    early, late = max(rss[:4]), max(rss[-4:])
-    print(f"\n2,500 generated requests: {dict(sorted(statuses.items()))}; server memory at most "
-          f"{early / 2**20:.0f} MB after requests 500 to 1,250, {late / 2**20:.0f} MB after 1,500 to 2,250")
+    early, late = max(first_pass), max(replay)
+    print(f"\n3,750 generated requests: {dict(sorted(statuses.items()))}; server memory at most "
+          f"{early / 2**20:.0f} MB in the first 2,500, {late / 2**20:.0f} MB while 1,250 of them came again")
     assert not problems, "\n".join(problems[:10])
     assert statuses.get(200, 0) > 500 and statuses.get(400, 0) > 500  # both kinds were exercised
-    assert late - early < 32 << 20, "the server's memory grew"
+    assert late - early < 16 << 20, "the server's memory grew"
