@@ -15,9 +15,10 @@ def register(p):
     p.add_argument("--recipe", default=None, metavar="FILE",
                    help="run the steps of a recipe file (.json) or replay the recipe stored in a packed file; "
                         "instead of --method and --scheme")
-    p.add_argument("--method", default=None, choices=["rtn", "gptq", "hadamard", "spinquant", "import"],
+    p.add_argument("--method", default=None, choices=["rtn", "gptq", "signround", "hadamard", "spinquant", "import"],
                    help="hadamard (default: random Hadamard rotations R1/R2 + online R4, then GPTQ), spinquant "
-                        "(learned rotations, then --then gptq|rtn), gptq (calibrated; resumes after a kill), rtn "
+                        "(learned rotations, then --then gptq|signround|rtn), gptq (calibrated; resumes after a "
+                        "kill), signround (tuned rounding per layer by signed gradient descent; resumes), rtn "
                         "(no data, seconds, least accurate), or import (keep a prequantized checkpoint's integers: "
                         "Meta's INT4_EO8 layout, or a GGUF's Q4_0/Q8_0 blocks; other GGUF types are requantized)")
     p.add_argument("--scheme", default=None, choices=schemes(), help="the quantization scheme (default int4-eo8)")
@@ -30,8 +31,9 @@ def register(p):
                    help="for a tied model: one int8 table for embedding and output (smaller, same numbers)")
     p.add_argument("--kv-cache", default=None, choices=["float", "int8"],
                    help="KV-cache precision at run time (default: the scheme's, float); int8 is per token and head")
-    g = p.add_argument_group("gptq")
-    g.add_argument("--calib-samples", type=int, default=128, help="calibration blocks (default 128)")
+    g = p.add_argument_group("gptq and signround")
+    g.add_argument("--calib-samples", type=int, default=None,
+                   help="calibration blocks (default 128 for gptq, 64 for signround)")
     g.add_argument("--calib-len", type=int, default=512, help="tokens per calibration block (default 512)")
     g.add_argument("--calib-text", default=None, metavar="FILE",
                    help="calibration text (default: the shipped Python HOWTOs and FAQ)")
@@ -39,8 +41,15 @@ def register(p):
     g.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="quantize columns in their natural order, each group's scale from its weights as updated "
                         "(default: by decreasing Hessian diagonal, scales fixed up front)")
+    g.add_argument("--sr-iterations", type=int, default=100, help="signround: steps per layer (default 100)")
+    g.add_argument("--sr-batch", type=int, default=1, help="signround: blocks per step (default 1)")
+    g.add_argument("--sr-lr", type=float, default=0.0,
+                   help="signround: step size, decayed linearly (default 0: 1 / iterations)")
+    g.add_argument("--sr-min-scale", type=float, default=0.5,
+                   help="signround: lowest factor a group's scale may shrink to (default 0.5; 1 keeps the scheme's)")
+    g.add_argument("--seed", type=int, default=0, help="signround: seed of the order blocks are drawn in")
     s = p.add_argument_group("hadamard and spinquant")
-    s.add_argument("--then", default="gptq", choices=["gptq", "rtn"], help="quantizer after the rotations")
+    s.add_argument("--then", default="gptq", choices=["gptq", "signround", "rtn"], help="quantizer after the rotations")
     s.add_argument("--rotations", default=None, metavar="FILE",
                    help="reuse rotations saved by an earlier run (OUT.rotations.safetensors) instead of learning")
     s.add_argument("--spin-iterations", type=int, default=40, help="Cayley SGD steps (default 40)")
@@ -65,8 +74,11 @@ def steps_from(args) -> tuple:
         if args.method or args.scheme:
             raise PocketQuantError("--recipe already says the method and the scheme; drop --method / --scheme")
         return recipe.read(args.recipe)
-    gptq = {"samples": args.calib_samples, "seq_len": args.calib_len, "damp": args.damp,
+    gptq = {"samples": 128 if args.calib_samples is None else args.calib_samples, "seq_len": args.calib_len, "damp": args.damp,
             "act_order": args.act_order, "text": args.calib_text}
+    signround = {"samples": 64 if args.calib_samples is None else args.calib_samples, "seq_len": args.calib_len, "iterations": args.sr_iterations,
+                 "batch": args.sr_batch, "lr": args.sr_lr, "min_scale": args.sr_min_scale, "seed": args.seed,
+                 "text": args.calib_text}
     spin = {"iterations": args.spin_iterations, "samples": args.spin_samples, "seq_len": args.spin_len,
             "lr": args.spin_lr, "learn": not args.no_learn, "loss": args.spin_loss,
             "fake_quant_weights": args.spin_int4_weights, "seed": args.spin_seed, "rotations": args.rotations,
@@ -74,7 +86,7 @@ def steps_from(args) -> tuple:
     return recipe.from_options(args.method or DEFAULT_METHOD, args.scheme or "int4-eo8", search_clip=args.search_clip,
                                scale_rule=args.scale_rule, share_embedding_output=args.share_embedding_output,
                                kv_cache_bits={None: None, "float": None, "int8": 8}[args.kv_cache], gptq=gptq,
-                               spin=spin, then=args.then)
+                               spin=spin, then=args.then, signround=signround)
 
 
 def run(args) -> int:

@@ -125,24 +125,26 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float 
     return Q.to(torch.int8), scales
 
 
-class _State:
-    """The checkpoint of a run (a `StateDir`): the quantized layers so far and the next layer's inputs."""
+class LayerState:
+    """The checkpoint of a layer-by-layer run (a `StateDir`): the quantized layers so far and the next layer's
+    inputs (one or more named streams)."""
 
-    def __init__(self, path: Path, key: dict):
-        self.dir = StateDir(path, "GPTQ", key)
+    def __init__(self, path: Path, key: dict, what: str = "GPTQ"):
+        self.dir, self.what = StateDir(path, what, key), what
 
     def done(self, n_layers: int) -> int:
         """Layers already quantized by an earlier run with the same settings and model (0 if none)."""
         info = self.dir.open() or {"done": 0}
         done = info.get("done")
         if not (isinstance(done, int) and 0 <= done <= n_layers):
-            raise PocketQuantError(f"{self.dir.path}: damaged GPTQ state (done={done!r}); delete it to start over")
+            raise PocketQuantError(f"{self.dir.path}: damaged {self.what} state (done={done!r}); delete it to start "
+                                   "over")
         return done
 
-    def save(self, i: int, layer: torch.nn.Module, x: torch.Tensor):
+    def save(self, i: int, layer: torch.nn.Module, **streams: torch.Tensor):
         tensors = {k: v.cpu().contiguous() for k, v in layer.state_dict().items()
                    if k.endswith(("qweight", "scales"))}
-        inputs = {"x": x.cpu().contiguous()}
+        inputs = {k: v.cpu().contiguous() for k, v in streams.items()}
         self.dir.commit({"done": i + 1}, {f"layer-{i}.safetensors": lambda p: save_file(tensors, str(p)),
                                           f"inputs-{i}.safetensors": lambda p: save_file(inputs, str(p))},
                         drop=[f"inputs-{i - 1}.safetensors"])  # the previous layer's inputs
@@ -155,9 +157,9 @@ class _State:
             q.qweight, q.scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
             set_module(layer, name, q)
 
-    def inputs(self, device) -> torch.Tensor:
+    def streams(self, device) -> dict[str, torch.Tensor]:
         done = self.dir.info["done"]
-        return load_file(str(self.dir.file(f"inputs-{done - 1}.safetensors")), device=str(device))["x"]
+        return load_file(str(self.dir.file(f"inputs-{done - 1}.safetensors")), device=str(device))
 
 
 def _shape(linear) -> tuple[int, int]:
@@ -178,13 +180,13 @@ def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress
     n_layers, T = len(model.layers), tokens.shape[1]
     state = None
     if state_dir:  # the key: the settings, the calibration tokens and the weights it starts from
-        state = _State(Path(state_dir), {**config.to_dict(), "tokens": tensors_digest({"tokens": tokens}),
+        state = LayerState(Path(state_dir), {**config.to_dict(), "tokens": tensors_digest({"tokens": tokens}),
                                          "model": tensors_digest(model.state_dict())})
     start = state.done(n_layers) if state else 0
     tokens = tokens.to(model.device)
     cos, sin = model.rope(0, T, torch.float32)
     mask = model.attention_mask(0, T, False, tokens.device)
-    x = state.inputs(model.device) if start else torch.cat([model.embed_tokens(t).float() for t in tokens.split(batch)])
+    x = state.streams(model.device)["x"] if start else torch.cat([model.embed_tokens(t).float() for t in tokens.split(batch)])
 
     def plan_of(i: int) -> dict:
         return {s: plan[f"layers.{i}.{s}"] for s in INPUTS if plan[f"layers.{i}.{s}"] is not None}
@@ -207,7 +209,7 @@ def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress
                 set_module(layer, name, QuantLinear.from_int(q, scales, spec))
             x = torch.cat([layer(xb, cos, sin, mask, None, 0) for xb in x.split(batch)])
             if state:
-                state.save(i, layer, x)
+                state.save(i, layer, x=x)
     except PocketQuantError:
         if state:  # a refused run (e.g. a Hessian GPTQ cannot invert) leaves nothing behind
             state.dir.remove(only_if_uncommitted=True)

@@ -2,7 +2,7 @@
 round-trips through JSON (`to_dict` / `from_dict`), applied in turn by `apply(model, *steps)`:
 
     spinquant  rotate (learned R1/R2, or random Hadamard with learn=False; R4, and R3 for an int8 KV cache)
-    rtn | gptq quantize the float linears
+    rtn | gptq | signround   quantize the float linears
     qat / lora train with the quantization in the loop (one step, one or both phases), then quantize
     import     keep the integers of a prequantized checkpoint (Meta's INT4_EO8 layout, GGUF Q4_0 / Q8_0)
 
@@ -23,6 +23,7 @@ from pocketquant.errors import PocketQuantError
 from pocketquant.quant.context import Context, config_dict, config_from_dict
 from pocketquant.quant.gptq import GPTQConfig, gptq_state
 from pocketquant.quant.rtn import RTNConfig
+from pocketquant.quant.signround import SignRoundConfig, signround_state
 from pocketquant.quant.spinquant import SpinQuantConfig
 from pocketquant.quant.train import TrainConfig, training_state
 from pocketquant.scheme import PRESETS, QuantScheme, get_scheme
@@ -49,17 +50,18 @@ class ImportConfig:
                                "use recipe.quantize(SOURCE, [ImportConfig()])")
 
 
-STEPS = {"spinquant": SpinQuantConfig, "rtn": RTNConfig, "gptq": GPTQConfig, "qat": TrainConfig,
-         "lora": TrainConfig, "qat+lora": TrainConfig, "import": ImportConfig}
-QUANTIZERS = (RTNConfig, GPTQConfig, TrainConfig, ImportConfig)
-METHODS = ("rtn", "gptq", "hadamard", "spinquant", "import")  # the quantize verb's --method (from_options)
+STEPS = {"spinquant": SpinQuantConfig, "rtn": RTNConfig, "gptq": GPTQConfig, "signround": SignRoundConfig,
+         "qat": TrainConfig, "lora": TrainConfig, "qat+lora": TrainConfig, "import": ImportConfig}
+QUANTIZERS = (RTNConfig, GPTQConfig, SignRoundConfig, TrainConfig, ImportConfig)
+METHODS = ("rtn", "gptq", "signround", "hadamard", "spinquant", "import")
+QUANTIZER_STEPS = {"gptq": GPTQConfig, "signround": SignRoundConfig, "rtn": RTNConfig}  # what rotations end with  # the quantize verb's --method (from_options)
 FORMAT, VERSION = "pocketquant.recipe", 1
 MAX_BYTES, MAX_DEPTH = 1 << 20, 32  # a recipe file larger or deeper than this is refused before it is parsed
 
 
 def check(steps) -> tuple:
-    """The steps as a valid recipe: one scheme; a rotation only first; at most one of rtn and gptq; training
-    only last; and it ends by quantizing."""
+    """The steps as a valid recipe: one scheme; a rotation only first; at most one of rtn, gptq and signround;
+    training only last; and it ends by quantizing."""
     steps = tuple(steps)
     if not steps:
         raise PocketQuantError("a recipe needs at least one step")
@@ -73,12 +75,12 @@ def check(steps) -> tuple:
         raise PocketQuantError("an import step takes a checkpoint's integers as they are: it is a recipe's only step")
     if SpinQuantConfig in kinds[1:]:
         raise PocketQuantError("a spinquant step can only come first")
-    if kinds.count(RTNConfig) + kinds.count(GPTQConfig) > 1:
-        raise PocketQuantError("a recipe quantizes with rtn or gptq once")
+    if sum(kinds.count(k) for k in (RTNConfig, GPTQConfig, SignRoundConfig)) > 1:
+        raise PocketQuantError("a recipe quantizes with rtn, gptq or signround once")
     if TrainConfig in kinds[:-1]:
         raise PocketQuantError("training (qat, lora) can only be the last step")
     if not isinstance(steps[-1], QUANTIZERS):
-        raise PocketQuantError("a recipe must end by quantizing: rtn, gptq, qat, lora or import")
+        raise PocketQuantError("a recipe must end by quantizing: rtn, gptq, signround, qat, lora or import")
     return steps
 
 
@@ -164,10 +166,10 @@ def _beside(step, folder: Path):
 def from_options(method: str = "rtn", scheme: str | QuantScheme = "int4-eo8", *, search_clip: bool = False,
                  scale_rule: str | None = None, share_embedding_output: bool = False,
                  kv_cache_bits: int | None = None, gptq: dict | None = None, spin: dict | None = None,
-                 then: str = "gptq") -> tuple:
-    """The recipe the `quantize` verb's options describe. method: rtn, gptq, hadamard (random Hadamard
-    rotations, then `then`), spinquant (learned rotations, then `then`); gptq / spin: GPTQConfig /
-    SpinQuantConfig fields."""
+                 then: str = "gptq", signround: dict | None = None) -> tuple:
+    """The recipe the `quantize` verb's options describe. method: rtn, gptq, signround, hadamard (random
+    Hadamard rotations, then `then`), spinquant (learned rotations, then `then`); gptq / signround / spin:
+    GPTQConfig / SignRoundConfig / SpinQuantConfig fields."""
     import dataclasses
 
     if method not in METHODS:
@@ -175,8 +177,8 @@ def from_options(method: str = "rtn", scheme: str | QuantScheme = "int4-eo8", *,
     if method == "import" and (search_clip or scale_rule or share_embedding_output or kv_cache_bits):
         raise PocketQuantError("import keeps the checkpoint's own numbers: --search-clip, --scale-rule, "
                                "--share-embedding-output and --kv-cache do not apply")
-    if then not in ("gptq", "rtn"):
-        raise PocketQuantError(f"rotations are followed by gptq or rtn, not {then!r}")
+    if then not in QUANTIZER_STEPS:
+        raise PocketQuantError(f"rotations are followed by {', '.join(QUANTIZER_STEPS)}, not {then!r}")
     scheme = get_scheme(scheme)
     if scale_rule is not None:  # of every quantized weight: block linears, output layer, embedding
         def ruled(weight):
@@ -201,8 +203,9 @@ def from_options(method: str = "rtn", scheme: str | QuantScheme = "int4-eo8", *,
             spin["learn"] = False
         steps.append(SpinQuantConfig(scheme, **spin))
         method = then
-    quantizer = RTNConfig(scheme, search_clip) if method == "rtn" else GPTQConfig(scheme, **(gptq or {}))
-    return check([*steps, quantizer])
+    if method == "rtn":
+        return check([*steps, RTNConfig(scheme, search_clip)])
+    return check([*steps, QUANTIZER_STEPS[method](scheme, **({"gptq": gptq, "signround": signround}[method] or {}))])
 
 
 @dataclass
@@ -287,4 +290,5 @@ def _result(model, scheme: QuantScheme, out, recipe: tuple, tokenizer, report: d
 def _remove_states(out: Path):
     """The checkpoints of the steps, kept until the packed file was written."""
     gptq_state(out.with_name(out.name + ".gptq-state")).remove()
+    signround_state(out.with_name(out.name + ".signround-state")).remove()
     training_state(out.with_name(out.name + ".train-state")).remove()
