@@ -38,7 +38,7 @@ CHOICES = ["bogus", ""]
 TEXTS = ["", "\udcff\udcfe", "x" * 100_000, "a\x00b"]  # (undecodable argv bytes arrive as lone surrogates)
 INPUT_OPTIONS = {"model", "models", "file", "packed", "recipe", "calib_text", "rotations", "data", "tasks",
                  "float_source", "also"}
-OUTPUT_OPTIONS = {"output", "json", "plot", "report"}
+OUTPUT_OPTIONS = {"output", "json", "plot", "report", "reference_cache"}
 
 
 class Hang(BaseException):

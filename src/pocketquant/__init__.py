@@ -29,7 +29,7 @@ def load(source, dtype: str = "float32", runtime: str = "fast", verify: bool = T
 
 def quantize(model_or_source, recipe="hadamard", out=None, progress: bool = True):
     """Quantize a float model (a LoadedModel from `load`, or a source `load` takes) by `recipe`: a method
-    name (rtn, gptq, hadamard, spinquant), a recipe .json file, a packed file whose recipe to replay, or a
+    name (rtn, gptq, signround, hadamard, spinquant), a recipe .json file, a packed file whose recipe to replay, or a
     list of step configs (pocketquant.quant.recipe). Writes the packed file `out` when given; returns the
     quantized LoadedModel, ready to run on the native kernels. A LoadedModel passed in is changed in place."""
     from pathlib import Path
@@ -57,13 +57,16 @@ def quantize(model_or_source, recipe="hadamard", out=None, progress: bool = True
     return LoadedModel(model, result.tokenizer, str(out) if out else model_or_source.source if given else source)
 
 
-def evaluate(reference, *models, data=None, tasks=None, context=None, limit=None, progress: bool = True):
+def evaluate(reference, *models, data=None, tasks=None, context=None, limit=None, progress: bool = True,
+             reference_cache=None):
     """Perplexity, KL-divergence from `reference`, top-1 agreement and task accuracy of every model, side by
     side (sources as `load` takes them; the shipped evaluation text and tasks by default; tasks=[] skips the
-    tasks). Returns an EvalResult: .models[i].metrics["ppl_token"], ["kl_mean"], ... in the order given."""
+    tasks; `reference_cache`: a directory where the reference's pass is kept and reused). Returns an
+    EvalResult: .models[i].metrics["ppl_token"], ["kl_mean"], ... in the order given."""
     from pocketquant.eval.run import evaluate as run
 
-    return run([str(reference), *map(str, models)], data, tasks, context, limit=limit, progress=progress)
+    return run([str(reference), *map(str, models)], data, tasks, context, limit=limit, progress=progress,
+               reference_cache=reference_cache)
 
 
 def generate(model, prompt, max_tokens: int = 256, **sampling) -> str:

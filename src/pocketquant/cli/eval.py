@@ -22,9 +22,43 @@ def register(p):
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--runtime", default="fast", choices=["fast", "reference"],
                    help="for packed files: the native kernels (default) or the reference definition")
+    p.add_argument("--reference-cache", default=None, metavar="DIR",
+                   help="keep the first model's pass over the text in DIR and reuse it when the same model, text "
+                        "and settings come again (its model is then not run); KL is then the exact sum over the "
+                        "reference's top 64 tokens plus an unbiased estimate of the rest from 16 drawn tokens")
+    p.add_argument("--llama-cpp", default=None, metavar="TYPES",
+                   help="also score llama.cpp's own quantizations of the reference (a float model), comma-separated "
+                        "types such as Q4_0,Q4_K_M,IQ4_XS,Q8_0: made by llama.cpp's quantizer (no importance matrix) "
+                        "and run by llama.cpp (needs llama-cpp-python: pip install 'pocketquant[llama-cpp]')")
     p.add_argument("--json", default=None, metavar="FILE", help="write every figure as JSON")
     p.add_argument("--report", default=None, metavar="DIR", help="write report.md and plot.png")
     p.set_defaults(run=run)
+
+
+def _cache_directory(cache: str | None, inputs: list):
+    """Refuse a --reference-cache that cannot be a directory of ours, before any work; create it. Returns the
+    directory if this call created it (else None)."""
+    from pathlib import Path
+
+    from pocketquant.errors import PocketQuantError
+
+    if cache is None:
+        return None
+    if not cache:
+        raise PocketQuantError("--reference-cache needs the name of a directory")
+    path = Path(cache)
+    try:
+        if path.exists() and not path.is_dir():
+            raise PocketQuantError(f"--reference-cache {cache}: not a directory")
+        for src in inputs:
+            if src and Path(src).is_dir() and Path(src).resolve() in (path.resolve(), *path.resolve().parents):
+                raise PocketQuantError(f"--reference-cache {cache}: would write inside the input {src}")
+        if path.is_dir():
+            return None
+        path.mkdir(parents=True)
+    except OSError as e:
+        raise PocketQuantError(f"--reference-cache {cache:.200}: cannot use it ({e.strerror or e})") from e
+    return path
 
 
 def run(args) -> int:
@@ -44,8 +78,14 @@ def run(args) -> int:
         if out is not None:
             check_output(out, inputs)
     set_threads(args.threads)
-    result = evaluate(args.models, args.data, args.tasks, args.context, args.stride, args.limit,
-                      args.fake_quant, args.dtype, runtime=args.runtime)
+    made = _cache_directory(args.reference_cache, inputs)
+    try:
+        result = evaluate(args.models, args.data, args.tasks, args.context, args.stride, args.limit,
+                          args.fake_quant, args.dtype, runtime=args.runtime, reference_cache=args.reference_cache,
+                          llama_cpp=[t for t in args.llama_cpp.split(",") if t] if args.llama_cpp else None)
+    finally:
+        if made and not any(made.iterdir()):  # a run that failed leaves no empty cache directory behind
+            made.rmdir()
     print(table(result))
     if args.json:
         write_json(result, args.json)

@@ -45,25 +45,39 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int]]:
 
 @torch.inference_mode()
 def score_text(models: list, tokens: list[int], context: int = 1024, stride: int | None = None,
-               progress=None) -> list[TextScores]:
-    """Score `tokens` with every model on identical windows; KL and agreement are against models[0]."""
+               progress=None, reference=None) -> list[TextScores]:
+    """Score `tokens` with every model on identical windows; KL and agreement are against models[0].
+    With `reference` (eval.reference.Reference), models[0]'s pass is read from it when it is cached (the model
+    is not run), or recorded into it; KL is then over its top k (see reference.py) for every model."""
     stride = stride or context
     if not 0 < stride <= context:
         raise ValueError(f"stride must be in 1..context ({context}), got {stride}")
     scores = [TextScores() for _ in models]
     plan = windows(len(tokens), context, stride)
-    for start, first in (progress(plan, desc="scoring text", unit="window") if progress else plan):
+    cached = reference is not None and reference.cached
+    if cached and len(reference.windows) != len(plan):
+        raise ValueError(f"{reference.path}: {len(reference.windows)} windows cached, {len(plan)} to score")
+    device = models[-1].device
+    for w, (start, first) in enumerate(progress(plan, desc="scoring text", unit="window") if progress else plan):
         window = tokens[start:start + context + 1]
-        x = torch.tensor([window[:-1]], device=models[0].device)
-        y = torch.tensor(window[1:], device=models[0].device)[first:]
+        x = torch.tensor([window[:-1]], device=device)
+        y = torch.tensor(window[1:], device=device)[first:]
         ref = None
-        for model, s in zip(models, scores):
+        if cached:
+            ref = reference.windows[w]
+            scores[0].nll -= float(ref.target.double().sum())
+            scores[0].tokens += len(y)
+            scores[0].kl.append(torch.zeros(len(y)))
+            scores[0].top1_agree += len(y)
+        for model, s in zip(models[1:] if cached else models, scores[1:] if cached else scores):
             logp = F.log_softmax(model(x)[0, first:].float(), dim=-1)
-            s.nll -= float(logp.gather(-1, y[:, None]).sum())
+            s.nll -= float(logp.gather(-1, y[:, None]).double().sum())  # as a cached reference sums its own
             s.tokens += len(y)
             if ref is None:
-                ref = logp
-            kl, agree = compare(ref, logp)
+                ref = reference.add(logp, y) if reference is not None else logp
+                kl, agree = torch.zeros(len(y)), len(y)
+            else:
+                kl, agree = ref.compare(logp) if reference is not None else compare(ref, logp)
             s.kl.append(kl)
             s.top1_agree += agree
     return scores

@@ -16,6 +16,11 @@ ROWS = [("ppl_token", "perplexity (token)", "{:.3f}"), ("ppl_word", "perplexity 
 def rows(result: EvalResult) -> list[list[str]]:
     """[label, value per model...] for every metric and task."""
     out = [[label] + [fmt.format(m.metrics[key]) for m in result.models] for key, label, fmt in ROWS]
+    if any("file_bytes" in m.metrics for m in result.models):
+        out.append(["file MB"] + [f"{m.metrics['file_bytes'] / 1e6:.1f}" if "file_bytes" in m.metrics else ""
+                                  for m in result.models])
+        out.append(["bits per weight (file)"] + [f"{m.metrics['bits_per_weight']:.2f}" if "file_bytes" in m.metrics
+                                                 else "" for m in result.models])
     for task in result.models[0].tasks:
         for key in ("acc", "acc_norm"):
             out.append([f"{task} {key}"] + [f"{m.tasks[task][key]:.2%}" for m in result.models])
@@ -26,7 +31,15 @@ def settings_line(result: EvalResult) -> str:
     s = result.settings
     return (f"text: {s['text']}; {s['tokens_scored']:,} tokens scored ({s['words']:,} words), context "
             f"{s['context']}, stride {s['stride']}, {s['dtype']}; KL and agreement against {s['reference']}; "
-            + ", ".join(f"{k}: {n} questions" for k, n in s["tasks"].items()))
+            + ", ".join(f"{k}: {n} questions" for k, n in s["tasks"].items()) + _cache_note(s))
+
+
+def _cache_note(settings: dict) -> str:
+    cache = settings.get("reference_cache")
+    if not cache:
+        return ""
+    return (f"; reference {'read from' if cache['read'] else 'written to'} {cache['file']} (KL: exact over its top "
+            f"{cache['kl_top_k']} tokens, the rest estimated from draws)")
 
 
 def table(result: EvalResult) -> str:

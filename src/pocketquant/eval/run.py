@@ -70,10 +70,13 @@ def task_files(tasks: list[str] | None) -> dict[str, Path]:
 
 def evaluate(sources: list[str], data: str | None = None, tasks: list[str] | None = None, context: int | None = None,
              stride: int | None = None, limit: int | None = None, fake_quant: str | None = None,
-             dtype: str = "float32", progress: bool = True, runtime: str = "fast") -> EvalResult:
+             dtype: str = "float32", progress: bool = True, runtime: str = "fast",
+             reference_cache: str | Path | None = None, llama_cpp: list[str] | None = None) -> EvalResult:
     """Load every model, score them on the same text and tasks; tasks=[] skips the tasks. Packed files run
     on the native kernels by default (the reference's integers, bit for bit); runtime="reference" scores
-    the scheme's definition itself."""
+    the scheme's definition itself. With `reference_cache` (a directory), the first model's pass is read from
+    a cache file there when one matches, or written there (see eval/reference.py: KL is then over its top k).
+    `llama_cpp`: llama.cpp file types (Q4_K_M, ...) of the reference, made and run by llama.cpp, scored too."""
     from pocketquant.checkpoints import check_length
     from pocketquant.eval.perplexity import score_text
     from pocketquant.eval.tasks import load_mc, score_mc
@@ -86,6 +89,10 @@ def evaluate(sources: list[str], data: str | None = None, tasks: list[str] | Non
         raise PocketQuantError(f"need context >= 2 and stride >= 1, got {context} and {stride}")
     if limit is not None and limit < 1:
         raise PocketQuantError(f"--limit must be >= 1 token, got {limit}")
+    if llama_cpp:
+        from pocketquant.eval import llama_cpp as peer
+
+        llama_cpp = peer.check_types(llama_cpp)  # a bad type name is refused before any work
     text, text_name = load_text(data)
     mc = {name: load_mc(path) for name, path in task_files(tasks).items()}
     names, models, tokenizer = [], [], None
@@ -103,6 +110,21 @@ def evaluate(sources: list[str], data: str | None = None, tasks: list[str] | Non
     if tokenizer is None:
         raise PocketQuantError("none of the models has a tokenizer to turn the text into tokens")
     context = context or min(DEFAULT_CONTEXT, *(m.config.max_seq_len for m in models))
+    sizes = {name: Path(src).stat().st_size for name, src in zip(names, sources) if Path(src).is_file()}
+    scratch = None
+    if llama_cpp:
+        import tempfile
+
+        import torch
+
+        if not isinstance(models[0].layers[0].self_attn.q_proj, torch.nn.Linear):
+            raise PocketQuantError(f"--llama-cpp quantizes the reference: {sources[0]} must be a float model")
+        scratch = tempfile.TemporaryDirectory(prefix="pocketquant-llama-cpp-")
+        for name, model, size in peer.peers(models[0], llama_cpp, Path(scratch.name), context,
+                                            torch.get_num_threads(), note=_note if progress else lambda m: None):
+            names.append(name)
+            models.append(model)
+            sizes[name] = size
     if stride is not None and stride > context:
         raise PocketQuantError(f"need 0 < stride <= context, got {stride} and {context}")
     tokens = tokenizer.encode(text)
@@ -113,17 +135,52 @@ def evaluate(sources: list[str], data: str | None = None, tasks: list[str] | Non
     words = len(tokenizer.decode(tokens[1:]).split())
     bar = progress_bar if progress else None
     t0 = time.perf_counter()
-    scores = score_text(models, tokens, context, stride, bar)
+    reference = None
+    if reference_cache is not None:
+        from pocketquant.eval.reference import reference_for
+
+        reference = reference_for(reference_cache, models[0], tokens, {
+            "context": context, "stride": stride or context, "dtype": dtype, "runtime": runtime}, task_files(tasks))
+    scores = score_text(models, tokens, context, stride, bar, reference)
     out = []
-    for name, model, s in zip(names, models, scores):
+    for i, (name, model, s) in enumerate(zip(names, models, scores)):
         m = ModelScores(name, {"ppl_token": s.perplexity(), "ppl_word": s.word_perplexity(words),
                                "nll_per_token": s.nll / s.tokens, **s.kl_stats()})
-        m.tasks = {task: score_mc(model, tokenizer, items, bar) for task, items in mc.items()}
+        if name in sizes:
+            m.metrics["file_bytes"] = sizes[name]
+            m.metrics["bits_per_weight"] = 8 * sizes[name] / _weights(models[0])
+        if i == 0 and reference is not None and reference.cached:
+            m.tasks = reference.tasks
+        else:
+            m.tasks = {task: score_mc(model, tokenizer, items, bar) for task, items in mc.items()}
         out.append(m)
+    if reference is not None and not reference.cached:
+        reference.tasks = out[0].tasks
+        reference.save()
+    if scratch is not None:
+        scratch.cleanup()
     settings = {"text": text_name, "tokens_scored": scores[0].tokens, "words": words, "context": context,
                 "stride": stride or context, "limit": limit, "dtype": dtype, "runtime": runtime, "reference": names[0],
                 "tasks": {k: len(v) for k, v in mc.items()}, "seconds": round(time.perf_counter() - t0, 1)}
+    if reference is not None:
+        settings["reference_cache"] = {"file": str(reference.path), "read": reference.cached, "kl_top_k": reference.k}
     return EvalResult(settings, out)
+
+
+def _weights(model) -> int:
+    """Weights of the reference: its embedding, its linears and norms (an untied output layer counted once)."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def _note(message: str):
+    from pocketquant.progress import note
+
+    note(message)
 
 
 def _check_same_vocab(models, loaded, src):
