@@ -56,7 +56,7 @@ def test_recipe_files_round_trip_and_bad_ones_are_refused(tmp_path):
         (lambda r: r["steps"][1].update(version=2), "gptq step version 2"),
         (lambda r: r.update(version=9), "recipe version 9"),
         (lambda r: r["steps"][1]["scheme"].update(name="int8"), "the same scheme"),
-        (lambda r: r["steps"].append(r["steps"][1]), "rtn or gptq once"),
+        (lambda r: r["steps"].append(r["steps"][1]), "rtn, gptq or signround once"),
         (lambda r: r["steps"].insert(0, {"method": "import"}), "a recipe's only step"),
         (lambda r: r.update(comment="x"), r"unknown recipe field\(s\) 'comment'"),
         (lambda r: r["steps"][1]["scheme"].update(colour=1), r"scheme: unknown field\(s\) 'colour'"),
