@@ -74,9 +74,11 @@ def steps_from(args) -> tuple:
         if args.method or args.scheme:
             raise PocketQuantError("--recipe already says the method and the scheme; drop --method / --scheme")
         return recipe.read(args.recipe)
-    gptq = {"samples": 128 if args.calib_samples is None else args.calib_samples, "seq_len": args.calib_len, "damp": args.damp,
-            "act_order": args.act_order, "text": args.calib_text}
-    signround = {"samples": 64 if args.calib_samples is None else args.calib_samples, "seq_len": args.calib_len, "iterations": args.sr_iterations,
+    def samples(default: int) -> int:
+        return default if args.calib_samples is None else args.calib_samples
+    gptq = {"samples": samples(128), "seq_len": args.calib_len, "damp": args.damp, "act_order": args.act_order,
+            "text": args.calib_text}
+    signround = {"samples": samples(64), "seq_len": args.calib_len, "iterations": args.sr_iterations,
                  "batch": args.sr_batch, "lr": args.sr_lr, "min_scale": args.sr_min_scale, "seed": args.seed,
                  "text": args.calib_text}
     spin = {"iterations": args.spin_iterations, "samples": args.spin_samples, "seq_len": args.spin_len,

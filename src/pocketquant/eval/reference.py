@@ -53,7 +53,8 @@ class TopK:
         tail = logp.double().exp().scatter(-1, indices, 0)
         rest = tail.sum(-1)
         tail[rest <= 0, 0] = 1  # (a row without a remainder draws anything: its share is 0)
-        drawn = torch.multinomial(tail, draws, replacement=True, generator=torch.Generator(tail.device).manual_seed(seed))
+        generator = torch.Generator(tail.device).manual_seed(seed)
+        drawn = torch.multinomial(tail, draws, replacement=True, generator=generator)
         return cls(values.float().cpu(), indices.to(torch.int32).cpu(), rest.float().cpu(),
                    logp.gather(-1, drawn).float().cpu(), drawn.to(torch.int32).cpu(),
                    logp.gather(-1, y[:, None])[:, 0].float().cpu())
