@@ -173,33 +173,15 @@ def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress
     With `state_dir`, each finished layer is checkpointed there and a rerun resumes after it (saying so to
     `note`); the caller removes it (`gptq_state(state_dir).remove()`) once the result is safely written. Runs on
     the model's device (CPU, or CUDA when the model is there)."""
-    scheme = config.scheme
-    check_plan(model, scheme)
-    model.set_kv_cache_bits(scheme.kv_cache_bits)  # attention sees keys/values as deployed
-    plan = linear_plan(model, scheme)
-    n_layers, T = len(model.layers), tokens.shape[1]
-    state = None
-    if state_dir:  # the key: the settings, the calibration tokens and the weights it starts from
-        state = LayerState(Path(state_dir), {**config.to_dict(), "tokens": tensors_digest({"tokens": tokens}),
-                                         "model": tensors_digest(model.state_dict())})
-    start = state.done(n_layers) if state else 0
-    tokens = tokens.to(model.device)
-    cos, sin = model.rope(0, T, torch.float32)
-    mask = model.attention_mask(0, T, False, tokens.device)
-    x = state.streams(model.device)["x"] if start else torch.cat([model.embed_tokens(t).float() for t in tokens.split(batch)])
-
-    def plan_of(i: int) -> dict:
-        return {s: plan[f"layers.{i}.{s}"] for s in INPUTS if plan[f"layers.{i}.{s}"] is not None}
-    for i in range(start):
-        state.restore(i, model.layers[i], plan_of(i))
-    if start:
-        note(f"gptq: resuming from {state_dir}: layers 0 to {start - 1} of {n_layers} were done by an earlier run")
-    note(f"gptq: {n_layers - start} layers on {tokens.shape[0]} blocks of {T} tokens")
+    run = LayerRun(model, config, tokens, state_dir, "gptq", note)
+    state, start, n_layers, cos, sin, mask = run.state, run.start, run.n_layers, run.cos, run.sin, run.mask
+    x = run.streams["x"] if start else run.embedded(tokens)
+    note(f"gptq: {n_layers - start} layers on {tokens.shape[0]} blocks of {tokens.shape[1]} tokens")
     layers = range(start, n_layers)
     try:
         for i in (progress(layers, desc="gptq", unit="layer", initial=start, total=n_layers) if progress else layers):
             layer = model.layers[i]
-            layer_plan = plan_of(i)
+            layer_plan = run.plan_of(i)
             hessians = _hessians(layer, layer_plan, x, cos, sin, mask, batch)
             for name, spec in layer_plan.items():
                 linear = layer.get_submodule(name)
@@ -214,10 +196,51 @@ def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress
         if state:  # a refused run (e.g. a Hessian GPTQ cannot invert) leaves nothing behind
             state.dir.remove(only_if_uncommitted=True)
         raise
-    if plan["lm_head"] is not None:
-        model.lm_head = QuantLinear.from_float(model.lm_head.weight, plan["lm_head"], "lm_head")
-    quantize_embedding(model, scheme)
-    return model
+    return run.finish()
+
+
+class LayerRun:
+    """What a layer-by-layer quantizer (GPTQ, SignRound) sets up before its first layer and does after its last:
+    the scheme's plan, the checkpoint keyed by the settings, tokens and weights (layers an earlier run finished are
+    restored, and the next layer's input streams read back), RoPE and mask; at the end, output layer and
+    embedding by RTN."""
+
+    def __init__(self, model: Transformer, config, tokens: torch.Tensor, state_dir, what: str, note):
+        self.model, self.scheme = model, config.scheme
+        check_plan(model, self.scheme)
+        model.set_kv_cache_bits(self.scheme.kv_cache_bits)  # attention sees keys/values as deployed
+        self.plan, self.n_layers, T = linear_plan(model, self.scheme), len(model.layers), tokens.shape[1]
+        self.state = None
+        if state_dir:  # the key: the settings, the calibration tokens and the weights it starts from
+            self.state = LayerState(Path(state_dir), {**config.to_dict(), "tokens": tensors_digest({"tokens": tokens}),
+                                                      "model": tensors_digest(model.state_dict())},
+                                    "GPTQ" if what == "gptq" else what)
+        self.start = self.state.done(self.n_layers) if self.state else 0
+        self.cos, self.sin = model.rope(0, T, torch.float32)
+        self.mask = model.attention_mask(0, T, False, model.device)
+        for i in range(self.start):
+            self.state.restore(i, model.layers[i], self.plan_of(i))
+        self.streams = self.state.streams(model.device) if self.start else None
+        if self.start:
+            note(f"{what}: resuming from {state_dir}: layers 0 to {self.start - 1} of {self.n_layers} were done by an "
+                 "earlier run")
+
+    def plan_of(self, i: int) -> dict:
+        """The quantized linears of layer i, by their names within the layer."""
+        return {s: self.plan[f"layers.{i}.{s}"] for s in INPUTS if self.plan[f"layers.{i}.{s}"] is not None}
+
+    @torch.no_grad()
+    def embedded(self, tokens: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        """The first layer's input: the float embedding of the calibration tokens."""
+        tokens = tokens.to(self.model.device)
+        return torch.cat([self.model.embed_tokens(t).float() for t in tokens.split(batch)])
+
+    def finish(self) -> Transformer:
+        model = self.model
+        if self.plan["lm_head"] is not None:
+            model.lm_head = QuantLinear.from_float(model.lm_head.weight, self.plan["lm_head"], "lm_head")
+        quantize_embedding(model, self.scheme)
+        return model
 
 
 def gptq_state(state_dir: str | Path) -> StateDir:

@@ -21,13 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketquant.errors import PocketQuantError
-from pocketquant.files import StateDir, tensors_digest
-from pocketquant.layers import QuantLinear, check_plan, linear_plan, set_module
+from pocketquant.files import StateDir
+from pocketquant.layers import QuantLinear, set_module
 from pocketquant.model import Transformer
 from pocketquant.numerics import _base_scales, _round_scales, check_finite, fake_quant_per_token, qrange
 from pocketquant.quant.context import MAX_SAMPLES, MAX_SEQ_LEN, MAX_STEPS, config_dict, config_from_dict, in_range
-from pocketquant.quant.gptq import INPUTS, LayerState
-from pocketquant.quant.rtn import quantize_embedding
+from pocketquant.quant.gptq import LayerRun
 from pocketquant.scheme import PRESETS, LinearSpec, QuantScheme
 
 
@@ -121,43 +120,18 @@ def apply(model: Transformer, config: SignRoundConfig, tokens: torch.Tensor, pro
     """Quantize `model` in place by SignRound on calibration `tokens` [n, T]; embedding and output by RTN.
     With `state_dir`, each finished layer is checkpointed there and a rerun resumes after it; the caller
     removes it once the result is written. Runs on the model's device."""
-    scheme = config.scheme
-    check_plan(model, scheme)
-    model.set_kv_cache_bits(scheme.kv_cache_bits)
-    plan = linear_plan(model, scheme)
-    n_layers, T = len(model.layers), tokens.shape[1]
-    state = None
-    if state_dir:
-        state = LayerState(Path(state_dir), {**config.to_dict(), "tokens": tensors_digest({"tokens": tokens}),
-                                             "model": tensors_digest(model.state_dict())}, "signround")
-    start = state.done(n_layers) if state else 0
-    tokens = tokens.to(model.device)
-    cos, sin = model.rope(0, T, torch.float32)
-    mask = model.attention_mask(0, T, False, tokens.device)
-    if start:
-        streams = state.streams(model.device)
-        x_float, x_quant = streams["float"], streams["quant"]
-    else:
-        with torch.no_grad():
-            x_float = torch.cat([model.embed_tokens(t).float() for t in tokens.split(8)])
-        x_quant = x_float
-
-    def plan_of(i: int) -> dict:
-        return {s: plan[f"layers.{i}.{s}"] for s in INPUTS if plan[f"layers.{i}.{s}"] is not None}
-    for i in range(start):
-        state.restore(i, model.layers[i], plan_of(i))
-    if start:
-        note(f"signround: resuming from {state_dir}: layers 0 to {start - 1} of {n_layers} were done by an "
-             "earlier run")
+    run = LayerRun(model, config, tokens, state_dir, "signround", note)
+    state, start, n_layers, cos, sin, mask = run.state, run.start, run.n_layers, run.cos, run.sin, run.mask
+    x_float, x_quant = (run.streams["float"], run.streams["quant"]) if start else (run.embedded(tokens),) * 2
     note(f"signround: {n_layers - start} layers, {config.iterations} steps each on {tokens.shape[0]} blocks of "
-         f"{T} tokens")
+         f"{tokens.shape[1]} tokens")
     layers = range(start, n_layers)
     losses = []
     for i in (progress(layers, desc="signround", unit="layer", initial=start, total=n_layers) if progress else layers):
         layer = model.layers[i]
         with torch.no_grad():
             x_float = _run(layer, x_float, cos, sin, mask)  # the float layer's output: the target, and next input
-        before, after = _tune_layer(layer, plan_of(i), x_quant, x_float, cos, sin, mask, config,
+        before, after = _tune_layer(layer, run.plan_of(i), x_quant, x_float, cos, sin, mask, config,
                                     torch.Generator().manual_seed(config.seed << 16 | i))
         losses.append((before, after))
         with torch.no_grad():
@@ -167,10 +141,7 @@ def apply(model: Transformer, config: SignRoundConfig, tokens: torch.Tensor, pro
     if losses:
         note("signround: layer output error (mean squared) from round-to-nearest to tuned, first / last layer: "
              f"{losses[0][0]:.3g} -> {losses[0][1]:.3g}, {losses[-1][0]:.3g} -> {losses[-1][1]:.3g}")
-    if plan["lm_head"] is not None:
-        model.lm_head = QuantLinear.from_float(model.lm_head.weight, plan["lm_head"], "lm_head")
-    quantize_embedding(model, scheme)
-    return model
+    return run.finish()
 
 
 def signround_state(state_dir: str | Path) -> StateDir:
