@@ -95,8 +95,12 @@ def _check_consistent(h: PackedHeader):
     if not isinstance(h.recipe, list) or not all(isinstance(step, dict) for step in h.recipe):
         raise ValueError("the recipe is not a list of steps")
     c, methods = h.config, [step.get("method") for step in h.recipe]
+    upgraded = next((step.get("upgraded") for step in h.recipe if step.get("method") == "budget"), None) or []
+    base = h.scheme  # the scheme the recipe names; a budget step put its chosen linears first in the overrides
+    if isinstance(upgraded, list) and [p for p, _ in h.scheme.overrides[:len(upgraded)]] == upgraded:
+        base = h.scheme.replace(overrides=h.scheme.overrides[len(upgraded):])
     for step in h.recipe:
-        if "scheme" in step and QuantScheme.from_dict(step["scheme"]) != h.scheme:
+        if "scheme" in step and QuantScheme.from_dict(step["scheme"]) != base:
             raise ValueError(f"the scheme {h.scheme.name!r} is not the one its recipe's {step.get('method')} step "
                              "used")
     if c.hadamard_qk != (c.hadamard_down and h.scheme.kv_cache_bits == 8):

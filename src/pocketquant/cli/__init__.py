@@ -12,6 +12,7 @@ from pocketquant.errors import PocketQuantError
 VERBS = {
     "quantize": "quantize a float model into a packed file",
     "train": "quantization-aware training and LoRA adapters, then a packed file",
+    "sensitivity": "how much KL each linear adds when it alone is quantized",
     "inspect": "show what a packed file holds and where its bytes go",
     "eval": "perplexity, KL-divergence and task accuracy, side by side",
     "bench": "size, memory and speed side by side with the float model and llama.cpp",

@@ -31,6 +31,12 @@ def register(p):
                    help="for a tied model: one int8 table for embedding and output (smaller, same numbers)")
     p.add_argument("--kv-cache", default=None, choices=["float", "int8"],
                    help="KV-cache precision at run time (default: the scheme's, float); int8 is per token and head")
+    b = p.add_argument_group("mixed precision")
+    b.add_argument("--budget", default=None, metavar="SIZE",
+                   help="spend extra bytes on the block linears whose quantization costs the most KL (measured "
+                        "after the rotations): they get int8 per-channel weights. +10%% (of the file the scheme "
+                        "alone makes), 1.1 (the same as a ratio) or the whole file's size (110MB)")
+    b.add_argument("--budget-samples", type=int, default=4, help="calibration blocks for the sensitivity (default 4)")
     g = p.add_argument_group("gptq and signround")
     g.add_argument("--calib-samples", type=int, default=None,
                    help="calibration blocks (default 128 for gptq, 64 for signround)")
@@ -88,7 +94,9 @@ def steps_from(args) -> tuple:
     return recipe.from_options(args.method or DEFAULT_METHOD, args.scheme or "int4-eo8", search_clip=args.search_clip,
                                scale_rule=args.scale_rule, share_embedding_output=args.share_embedding_output,
                                kv_cache_bits={None: None, "float": None, "int8": 8}[args.kv_cache], gptq=gptq,
-                               spin=spin, then=args.then, signround=signround)
+                               spin=spin, then=args.then, signround=signround,
+                               budget=args.budget and {"budget": args.budget, "samples": args.budget_samples,
+                                                       "seq_len": args.calib_len, "text": args.calib_text})
 
 
 def run(args) -> int:
@@ -109,6 +117,10 @@ def run(args) -> int:
               f"{sum(losses[-5:]) / min(5, n):.4f}); rotations in {r.report['rotations']}")
     if heldout:
         print("rotation search, held-out calibration blocks: loss {:.4f} -> {:.4f}".format(*heldout))
+    if r.report.get("sensitivity") is not None:
+        kept = next(s.upgraded for s in r.recipe if s.to_dict()["method"] == "budget")
+        print(f"budget: {len(kept)} of {len(r.report['sensitivity'])} block linears kept at int8 per channel, "
+              f"e.g. {', '.join(kept[:3])}" if kept else "budget: too small for any linear at int8")
     if r.can_share and r.shared:
         print(f"embedding and output share one int8 table; separate tables would add "
               f"{r.output_table_bytes:,} bytes ({r.file_bytes + r.output_table_bytes:,} in all)")

@@ -49,6 +49,10 @@ def meta_state(model) -> tuple[dict[str, torch.Tensor], int, tuple[int, int]]:
     if c.hadamard_qk:
         raise PocketQuantError("this model rotates queries and keys online (R3, for an int8 KV cache); Meta's "
                                "layout has no place for it")
+    mixed = [n for n, m in model.layers.named_modules() if isinstance(m, QuantLinear) and m.spec.weight.bits == 8]
+    if mixed:
+        raise PocketQuantError(f"{len(mixed)} block linears are int8 (mixed precision, e.g. layers.{mixed[0]}); Meta's "
+                               "layout and ExecuTorch's hold int4 block linears only (GGUF keeps them: --to gguf)")
     for i, layer in enumerate(model.layers):
         for ours, theirs in _NAMES.items():
             m, key = layer.get_submodule(ours), f"layers.{i}.{theirs}"

@@ -27,6 +27,7 @@ class Context:
     rank: int = 0  # this process under torchrun (only the first one writes files)
     report: dict = field(default_factory=dict)  # what the steps measured, by name
     record: object = None  # the config the packed file records for the step running (a step may change it)
+    scheme: object = None  # the scheme the steps quantize with (a budget step makes it mixed)
     _encoded: dict = field(default_factory=dict)
     _examples: dict = field(default_factory=dict)
 

@@ -2,6 +2,7 @@
 round-trips through JSON (`to_dict` / `from_dict`), applied in turn by `apply(model, *steps)`:
 
     spinquant  rotate (learned R1/R2, or random Hadamard with learn=False; R4, and R3 for an int8 KV cache)
+    budget     measure each linear's sensitivity, keep the most sensitive at int8 within a byte budget
     rtn | gptq | signround   quantize the float linears
     qat / lora train with the quantization in the loop (one step, one or both phases), then quantize
     import     keep the integers of a prequantized checkpoint (Meta's INT4_EO8 layout, GGUF Q4_0 / Q8_0)
@@ -12,6 +13,7 @@ The packed file stores the recipe it was made by, so `quantize --recipe OLD.safe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from pocketquant.errors import PocketQuantError
 from pocketquant.quant.context import Context, config_dict, config_from_dict
 from pocketquant.quant.gptq import GPTQConfig, gptq_state
 from pocketquant.quant.rtn import RTNConfig
+from pocketquant.quant.sensitivity import BudgetConfig
 from pocketquant.quant.signround import SignRoundConfig, signround_state
 from pocketquant.quant.spinquant import SpinQuantConfig
 from pocketquant.quant.train import TrainConfig, training_state
@@ -50,7 +53,7 @@ class ImportConfig:
                                "use recipe.quantize(SOURCE, [ImportConfig()])")
 
 
-STEPS = {"spinquant": SpinQuantConfig, "rtn": RTNConfig, "gptq": GPTQConfig, "signround": SignRoundConfig,
+STEPS = {"spinquant": SpinQuantConfig, "budget": BudgetConfig, "rtn": RTNConfig, "gptq": GPTQConfig, "signround": SignRoundConfig,
          "qat": TrainConfig, "lora": TrainConfig, "qat+lora": TrainConfig, "import": ImportConfig}
 QUANTIZERS = (RTNConfig, GPTQConfig, SignRoundConfig, TrainConfig, ImportConfig)
 METHODS = ("rtn", "gptq", "signround", "hadamard", "spinquant", "import")
@@ -60,8 +63,8 @@ MAX_BYTES, MAX_DEPTH = 1 << 20, 32  # a recipe file larger or deeper than this i
 
 
 def check(steps) -> tuple:
-    """The steps as a valid recipe: one scheme; a rotation only first; at most one of rtn, gptq and signround;
-    training only last; and it ends by quantizing."""
+    """The steps as a valid recipe: one scheme; a rotation only first; a budget only right before the quantizer;
+    at most one of rtn, gptq and signround; training only last; and it ends by quantizing."""
     steps = tuple(steps)
     if not steps:
         raise PocketQuantError("a recipe needs at least one step")
@@ -75,6 +78,10 @@ def check(steps) -> tuple:
         raise PocketQuantError("an import step takes a checkpoint's integers as they are: it is a recipe's only step")
     if SpinQuantConfig in kinds[1:]:
         raise PocketQuantError("a spinquant step can only come first")
+    if BudgetConfig in kinds and (kinds.count(BudgetConfig) > 1 or kinds.index(BudgetConfig) + 1 == len(kinds) or
+                                  kinds[kinds.index(BudgetConfig) + 1] not in QUANTIZERS[:4]):
+        raise PocketQuantError("a budget step comes once, right before the step that quantizes (rtn, gptq, "
+                               "signround, qat or lora)")
     if sum(kinds.count(k) for k in (RTNConfig, GPTQConfig, SignRoundConfig)) > 1:
         raise PocketQuantError("a recipe quantizes with rtn, gptq or signround once")
     if TrainConfig in kinds[:-1]:
@@ -100,11 +107,11 @@ def apply(model, *steps, ctx: Context | None = None):
             s.check(model, ctx)
     if ctx.teacher is None and any(isinstance(s, TrainConfig) and s.distill > 0 for s in steps):
         ctx.teacher = copy.deepcopy(model)  # the float model, before any step
-    recorded = []
-    for s in steps:
+    recorded, ctx.scheme = [], steps[0].scheme
+    for s in steps:  # after a budget step, the steps quantize with its mixed scheme (and record the recipe's)
         ctx.record = s
-        model = s.apply(model, ctx)
-        recorded.append(ctx.record)
+        model = (s if s.scheme == ctx.scheme else dataclasses.replace(s, scheme=ctx.scheme)).apply(model, ctx)
+        recorded.append(dataclasses.replace(ctx.record, scheme=s.scheme))
     ctx.record = recorded
     return model
 
@@ -156,8 +163,6 @@ def read(path: str | Path) -> tuple:
 
 def _beside(step, folder: Path):
     """A spinquant step naming its rotations file by a relative name: the file beside the packed file."""
-    import dataclasses
-
     if isinstance(step, SpinQuantConfig) and step.rotations and not Path(step.rotations).is_absolute():
         return dataclasses.replace(step, rotations=str(folder / step.rotations))
     return step
@@ -166,17 +171,16 @@ def _beside(step, folder: Path):
 def from_options(method: str = "rtn", scheme: str | QuantScheme = "int4-eo8", *, search_clip: bool = False,
                  scale_rule: str | None = None, share_embedding_output: bool = False,
                  kv_cache_bits: int | None = None, gptq: dict | None = None, spin: dict | None = None,
-                 then: str = "gptq", signround: dict | None = None) -> tuple:
+                 then: str = "gptq", signround: dict | None = None, budget: dict | None = None) -> tuple:
     """The recipe the `quantize` verb's options describe. method: rtn, gptq, signround, hadamard (random
-    Hadamard rotations, then `then`), spinquant (learned rotations, then `then`); gptq / signround / spin:
-    GPTQConfig / SignRoundConfig / SpinQuantConfig fields."""
-    import dataclasses
-
+    Hadamard rotations, then `then`), spinquant (learned rotations, then `then`); gptq / signround / spin /
+    budget: GPTQConfig / SignRoundConfig / SpinQuantConfig / BudgetConfig fields (a budget step, with `budget`,
+    right before the quantizer)."""
     if method not in METHODS:
         raise PocketQuantError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    if method == "import" and (search_clip or scale_rule or share_embedding_output or kv_cache_bits):
+    if method == "import" and (search_clip or scale_rule or share_embedding_output or kv_cache_bits or budget):
         raise PocketQuantError("import keeps the checkpoint's own numbers: --search-clip, --scale-rule, "
-                               "--share-embedding-output and --kv-cache do not apply")
+                               "--share-embedding-output, --kv-cache and --budget do not apply")
     if then not in QUANTIZER_STEPS:
         raise PocketQuantError(f"rotations are followed by {', '.join(QUANTIZER_STEPS)}, not {then!r}")
     scheme = get_scheme(scheme)
@@ -203,6 +207,8 @@ def from_options(method: str = "rtn", scheme: str | QuantScheme = "int4-eo8", *,
             spin["learn"] = False
         steps.append(SpinQuantConfig(scheme, **spin))
         method = then
+    if budget:
+        steps.append(BudgetConfig(scheme, **budget))
     if method == "rtn":
         return check([*steps, RTNConfig(scheme, search_clip)])
     return check([*steps, QUANTIZER_STEPS[method](scheme, **({"gptq": gptq, "signround": signround}[method] or {}))])
@@ -257,7 +263,7 @@ def quantize(source, steps, out: str | Path | None = None, progress: bool = True
     model = apply(model, *steps, ctx=ctx)
     if rank:
         return None
-    recipe = tuple(ctx.record)
+    recipe, scheme = tuple(ctx.record), ctx.scheme
     if out is not None:
         save_packed(out, model, scheme, [s.to_dict() for s in recipe], tokenizer)
         _remove_states(out)
