@@ -80,10 +80,11 @@ def test_a_damaged_cache_is_refused(two_models, tmp_path):
         evaluate(models, text, [], context=64, progress=False, reference_cache=cache)
 
 
-def test_llama_cpp_quantizations_of_the_reference_are_scored_beside_ours(two_models):
+def test_llama_cpp_quantizations_of_the_reference_are_scored_beside_ours(two_models, capfd):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'pocketquant[llama-cpp]')")
     models, text = two_models
     result = evaluate(models, text, [], context=64, progress=False, llama_cpp=["Q8_0", "q4_0"])
+    assert "llama_model_quantize" not in capfd.readouterr().err  # the quantizer's log of every tensor is not shown
     names = [m.name for m in result.models]
     assert names[2:] == ["llama.cpp Q8_0", "llama.cpp Q4_0"]
     q8, q4 = (m.metrics for m in result.models[2:])

@@ -112,6 +112,8 @@ def test_quantize_with_a_budget_writes_what_it_measured_and_replays_without_meas
     model, scheme, _ = load_packed(mixed)
     bits = {n: m.spec.weight.bits for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert sorted(n for n, b in bits.items() if b == 8 and n != "lm_head") == sorted(kept)
+    shown = cli("inspect", mixed).stdout
+    assert f"w8 per channel a8: {len(kept)} (" in shown and f"{len(kept)} linears (the scheme's overrides)" in shown
     proc = cli("quantize", src, "-o", again, "--recipe", mixed)
     assert proc.returncode == 0 and "sensitivity" not in proc.stderr
     assert again.read_bytes() == mixed.read_bytes()

@@ -70,7 +70,7 @@ def report(path: Path, tensors: bool = False) -> str:
              + ", tied" * c.tie_embeddings + ", R4" * c.hadamard_down + ", R3" * c.hadamard_qk)
     lines = [f"{path}  (pocketquant packed format {h.version}, {path.stat().st_size:,} bytes)", "",
              f"model: {c.name or 'unnamed'}: {shape}", "config: " + json.dumps(c.to_dict()),
-             "scheme: " + h.scheme.to_json(), "recipe: " + " -> ".join(_step(s) for s in h.recipe),
+             "scheme: " + _scheme(h.scheme), *_overrides(h.scheme), "recipe: " + " -> ".join(_step(s) for s in h.recipe),
              "tokenizer: " + (h.tokenizer["kind"] if h.tokenizer else "none"), "",
              f"{'family':<10} {'bytes':>14} {'weights':>14} {'bits/weight':>12}"]
     total = FamilySize()
@@ -90,9 +90,30 @@ def report(path: Path, tensors: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _scheme(scheme) -> str:
+    """The scheme as JSON, its overrides as a count (listed by `_overrides`)."""
+    d = scheme.to_dict()
+    n = len(d.pop("overrides"))
+    return json.dumps(d, sort_keys=True) + (f" + {n} override{'s' * (n > 1)} (below)" if n else "")
+
+
+def _overrides(scheme) -> list[str]:
+    """One line per distinct spec the overrides give: how many patterns, by the module they name."""
+    by_spec = {}
+    for pattern, spec in scheme.overrides:
+        what = "float" if spec is None else (f"w{spec.weight.bits} " + (f"g{spec.weight.group_size}" if spec.weight.group_size else "per channel")
+                                             + (f" a{spec.act.bits}" if spec.act else " float activations"))
+        by_spec.setdefault(what, []).append(pattern.rsplit(".", 1)[-1])
+    return [f"  {what}: {len(names)} ({', '.join(f'{m} {names.count(m)}' for m in dict.fromkeys(names))})"
+            for what, names in by_spec.items()]
+
+
 def _step(step: dict) -> str:
-    """A recipe step without the scheme (the header shows it once): `gptq {"samples": 128, ...}`."""
+    """A recipe step without the scheme (the header shows it once): `gptq {"samples": 128, ...}`; a budget's
+    chosen linears as a count."""
     options = {k: v for k, v in step.items() if k not in ("method", "version", "scheme")}
+    if isinstance(options.get("upgraded"), list):
+        options["upgraded"] = f"{len(options['upgraded'])} linears (the scheme's overrides)"
     return f"{step.get('method')} {json.dumps(options)}" if options else str(step.get("method"))
 
 

@@ -5,7 +5,10 @@ used: the bindings cannot compute one (llama.cpp's `llama-imatrix` tool does).""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,9 +42,26 @@ def quantize(float_gguf: Path, qtype: str, out: Path, threads: int | None = None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
     params.nthread = threads or 0
-    if llama_cpp.llama_model_quantize(str(float_gguf).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+    with _quiet_stderr():  # its log of every tensor
+        failed = llama_cpp.llama_model_quantize(str(float_gguf).encode(), str(out).encode(), ctypes.byref(params))
+    if failed:
         raise PocketQuantError(f"llama.cpp could not quantize {float_gguf} to {qtype}")
     return out
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Standard error (file descriptor 2, where C code writes too) goes to /dev/null inside the block."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 class LlamaCppModel:

@@ -87,7 +87,8 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float 
     W = w.detach().float().clone()
     out_f, in_f = W.shape
     g = spec.group_for(in_f)
-    block = max(g, block // g * g)
+    if not act_order:  # each group's scale comes from its weights as updated: the whole group in one block
+        block = max(g, block // g * g)
     H = H.double().clone()
     dead = torch.diag(H) == 0  # inputs that were always zero: any value works, 0 is simplest
     H[dead, dead] = 1
