@@ -35,7 +35,8 @@ def register(p):
     b.add_argument("--budget", default=None, metavar="SIZE",
                    help="spend extra bytes on the block linears whose quantization costs the most KL (measured "
                         "after the rotations): they get int8 per-channel weights. +10%% (of the file the scheme "
-                        "alone makes), 1.1 (the same as a ratio) or the whole file's size (110MB)")
+                        "alone makes), 1.1 (the same as a ratio) or the size of the file's tensors (110MB; the "
+                        "header adds a little, mostly the tokenizer)")
     b.add_argument("--budget-samples", type=int, default=4, help="calibration blocks for the sensitivity (default 4)")
     g = p.add_argument_group("gptq and signround")
     g.add_argument("--calib-samples", type=int, default=None,

@@ -38,8 +38,8 @@ def upgrade_spec(scheme: QuantScheme) -> LinearSpec:
 
 
 def parse_budget(budget: str) -> tuple[str, float]:
-    """'+10%' or '1.1' -> ('ratio', 1.1) of the file with the scheme as it is; '120MB' or '120000000B' ->
-    ('bytes', 1.2e8), the whole file."""
+    """'+10%' or '1.1' -> ('ratio', 1.1) of the file's tensors with the scheme as it is; '120MB' or '120000000B'
+    -> ('bytes', 1.2e8) of tensors (the file's header adds a little: the tokenizer, 2.9 MB for SmolLM2)."""
     m = _BUDGET.match(budget) if isinstance(budget, str) else None
     try:
         if m and m["pct"] is not None:
@@ -52,7 +52,7 @@ def parse_budget(budget: str) -> tuple[str, float]:
             raise ValueError
     except ValueError:
         raise PocketQuantError(f"budget {budget!r:.60}: give extra bytes as a percentage (+10%), a ratio of the "
-                               "file with the scheme as it is (1.1), or the file's size (120MB)") from None
+                               "file with the scheme as it is (1.1), or the size of the file's tensors (120MB)") from None
     if kind == "ratio" and not 1 <= value <= 4:
         raise PocketQuantError(f"budget {budget!r}: a ratio from 1 (no extra bytes) to 4, got {value:g}")
     return kind, value
