@@ -117,6 +117,8 @@ def test_quantize_with_a_budget_writes_what_it_measured_and_replays_without_meas
     proc = cli("quantize", src, "-o", again, "--recipe", mixed)
     assert proc.returncode == 0 and "sensitivity" not in proc.stderr
     assert again.read_bytes() == mixed.read_bytes()
+    proc = cli("quantize", src, "-o", tmp_path / "x.safetensors", "--recipe", mixed, "--budget", "+5%")
+    assert proc.returncode == 1 and "drop --method / --scheme / --budget" in proc.stderr
     from pocketquant.runtime import load
 
     fast = load(mixed)  # the int8 linears run on the native kernels, the same numbers as the reference

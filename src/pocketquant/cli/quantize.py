@@ -78,8 +78,9 @@ def steps_from(args) -> tuple:
     from pocketquant.quant import recipe
 
     if args.recipe:
-        if args.method or args.scheme:
-            raise PocketQuantError("--recipe already says the method and the scheme; drop --method / --scheme")
+        if args.method or args.scheme or args.budget:
+            raise PocketQuantError("--recipe already says the method, the scheme and any budget; drop --method / "
+                                   "--scheme / --budget")
         return recipe.read(args.recipe)
     def samples(default: int) -> int:
         return default if args.calib_samples is None else args.calib_samples

@@ -158,17 +158,21 @@ def _bytes(linear, spec: WeightSpec) -> int:
     return linear.out_features * linear.in_features * spec.bits // 8 + n_scales * scale_size
 
 
+def _setup(model: Transformer, tokens: torch.Tensor, scheme: QuantScheme):
+    """The block linears the scheme quantizes (name -> spec), the tokens on the model's device, RoPE and mask."""
+    check_plan(model, scheme)
+    plan = {n: s for n, s in linear_plan(model, scheme).items() if s is not None and n != "lm_head"}
+    tokens = tokens.to(model.device)
+    cos, sin = model.rope(0, tokens.shape[1], torch.float32)
+    return plan, tokens, cos, sin, model.attention_mask(0, tokens.shape[1], False, tokens.device)
+
+
 @torch.no_grad()
 def linear_kl(model: Transformer, tokens: torch.Tensor, scheme: QuantScheme, progress=None,
               batch: int = 4) -> dict[str, float]:
     """For every block linear the scheme quantizes: mean KL(float || model with only that linear quantized by
     round-to-nearest) over the tokens [n, T], in nats. The model is left as it was."""
-    check_plan(model, scheme)
-    plan = {n: s for n, s in linear_plan(model, scheme).items() if s is not None and n != "lm_head"}
-    tokens = tokens.to(model.device)
-    T = tokens.shape[1]
-    cos, sin = model.rope(0, T, torch.float32)
-    mask = model.attention_mask(0, T, False, tokens.device)
+    plan, tokens, cos, sin, mask = _setup(model, tokens, scheme)
 
     def through(first: int, x: torch.Tensor) -> torch.Tensor:
         """Log-probs after layers first..end of the hidden states x."""
@@ -206,12 +210,7 @@ def estimated_kl(model: Transformer, tokens: torch.Tensor, scheme: QuantScheme, 
     distribution p, and d^T F d = E[(g . d)^2] with g the gradient of log p(y) in that linear's outputs for y
     drawn from p. Per block of tokens: one forward pass and `draws` backward passes (cross terms between blocks
     are dropped: they average to 0)."""
-    check_plan(model, scheme)
-    plan = {n: s for n, s in linear_plan(model, scheme).items() if s is not None and n != "lm_head"}
-    tokens = tokens.to(model.device)
-    T = tokens.shape[1]
-    cos, sin = model.rope(0, T, torch.float32)
-    mask = model.attention_mask(0, T, False, tokens.device)
+    plan, tokens, cos, sin, mask = _setup(model, tokens, scheme)
     quantized = {n: QuantLinear.from_float(model.get_submodule(n).weight, s, n) for n, s in plan.items()}
     sums = dict.fromkeys(plan, 0.0)
     change, hooks = {}, []
