@@ -70,7 +70,8 @@ def report(path: Path, tensors: bool = False) -> str:
              + ", tied" * c.tie_embeddings + ", R4" * c.hadamard_down + ", R3" * c.hadamard_qk)
     lines = [f"{path}  (pocketquant packed format {h.version}, {path.stat().st_size:,} bytes)", "",
              f"model: {c.name or 'unnamed'}: {shape}", "config: " + json.dumps(c.to_dict()),
-             "scheme: " + _scheme(h.scheme), *_overrides(h.scheme), "recipe: " + " -> ".join(_step(s) for s in h.recipe),
+             "scheme: " + _scheme(h.scheme), *_overrides(h.scheme),
+             "recipe: " + " -> ".join(_step(s) for s in h.recipe),
              "tokenizer: " + (h.tokenizer["kind"] if h.tokenizer else "none"), "",
              f"{'family':<10} {'bytes':>14} {'weights':>14} {'bits/weight':>12}"]
     total = FamilySize()
@@ -101,7 +102,8 @@ def _overrides(scheme) -> list[str]:
     """One line per distinct spec the overrides give: how many patterns, by the module they name."""
     by_spec = {}
     for pattern, spec in scheme.overrides:
-        what = "float" if spec is None else (f"w{spec.weight.bits} " + (f"g{spec.weight.group_size}" if spec.weight.group_size else "per channel")
+        w = spec and spec.weight
+        what = "float" if spec is None else (f"w{w.bits} " + (f"g{w.group_size}" if w.group_size else "per channel")
                                              + (f" a{spec.act.bits}" if spec.act else " float activations"))
         by_spec.setdefault(what, []).append(pattern.rsplit(".", 1)[-1])
     return [f"  {what}: {len(names)} ({', '.join(f'{m} {names.count(m)}' for m in dict.fromkeys(names))})"

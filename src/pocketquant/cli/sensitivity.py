@@ -64,8 +64,8 @@ def run(args) -> int:
     if budget:
         kept = choose(model, scheme, kl, budget.budget)
         base, mixed = file_bytes(model, scheme), file_bytes(model, budget.mixed(kept))
-        print(f"\n--budget {budget.budget}: {len(kept)} linears at int8 per channel, {base:,} -> {mixed:,} tensor bytes; "
-              f"their KL here {sum(kl[n] for n in kept):.4f} of {sum(kl.values()):.4f}")
+        print(f"\n--budget {budget.budget}: {len(kept)} linears at int8 per channel, {base:,} -> {mixed:,} tensor "
+              f"bytes; their KL here {sum(kl[n] for n in kept):.4f} of {sum(kl.values()):.4f}")
     if "json" in outputs:
         import json
 

@@ -53,9 +53,11 @@ class ImportConfig:
                                "use recipe.quantize(SOURCE, [ImportConfig()])")
 
 
-STEPS = {"spinquant": SpinQuantConfig, "budget": BudgetConfig, "rtn": RTNConfig, "gptq": GPTQConfig, "signround": SignRoundConfig,
-         "qat": TrainConfig, "lora": TrainConfig, "qat+lora": TrainConfig, "import": ImportConfig}
-QUANTIZERS = (RTNConfig, GPTQConfig, SignRoundConfig, TrainConfig, ImportConfig)
+STEPS = {"spinquant": SpinQuantConfig, "budget": BudgetConfig, "rtn": RTNConfig, "gptq": GPTQConfig,
+         "signround": SignRoundConfig, "qat": TrainConfig, "lora": TrainConfig, "qat+lora": TrainConfig,
+         "import": ImportConfig}
+CALIBRATED = (RTNConfig, GPTQConfig, SignRoundConfig, TrainConfig)  # quantize a model in memory (a budget's next step)
+QUANTIZERS = (*CALIBRATED, ImportConfig)
 METHODS = ("rtn", "gptq", "signround", "hadamard", "spinquant", "import")
 QUANTIZER_STEPS = {"gptq": GPTQConfig, "signround": SignRoundConfig, "rtn": RTNConfig}  # what rotations end with  # the quantize verb's --method (from_options)
 FORMAT, VERSION = "pocketquant.recipe", 1
@@ -79,7 +81,7 @@ def check(steps) -> tuple:
     if SpinQuantConfig in kinds[1:]:
         raise PocketQuantError("a spinquant step can only come first")
     if BudgetConfig in kinds and (kinds.count(BudgetConfig) > 1 or kinds.index(BudgetConfig) + 1 == len(kinds) or
-                                  kinds[kinds.index(BudgetConfig) + 1] not in QUANTIZERS[:4]):
+                                  kinds[kinds.index(BudgetConfig) + 1] not in CALIBRATED):
         raise PocketQuantError("a budget step comes once, right before the step that quantizes (rtn, gptq, "
                                "signround, qat or lora)")
     if sum(kinds.count(k) for k in (RTNConfig, GPTQConfig, SignRoundConfig)) > 1:

@@ -26,8 +26,8 @@ from pocketquant.model import Transformer
 from pocketquant.quant.context import MAX_SAMPLES, MAX_SEQ_LEN, config_dict, config_from_dict, in_range
 from pocketquant.scheme import PRESETS, LinearSpec, QuantScheme, WeightSpec
 
-_BUDGET = re.compile(r"^\s*(?:\+(?P<pct>[0-9.]+)\s*%|(?P<ratio>[0-9.]+)\s*x?|(?P<num>[0-9.]+)\s*(?P<unit>B|KB|MB|GB))\s*$",
-                     re.IGNORECASE)
+_BUDGET = re.compile(r"^\s*(?:\+(?P<pct>[0-9.]+)\s*%|(?P<ratio>[0-9.]+)\s*x?|"
+                     r"(?P<num>[0-9.]+)\s*(?P<unit>B|KB|MB|GB))\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
 
@@ -52,7 +52,8 @@ def parse_budget(budget: str) -> tuple[str, float]:
             raise ValueError
     except ValueError:
         raise PocketQuantError(f"budget {budget!r:.60}: give extra bytes as a percentage (+10%), a ratio of the "
-                               "file with the scheme as it is (1.1), or the size of the file's tensors (120MB)") from None
+                               "file with the scheme as it is (1.1), or the size of the file's tensors (120MB)"
+                               ) from None
     if kind == "ratio" and not 1 <= value <= 4:
         raise PocketQuantError(f"budget {budget!r}: a ratio from 1 (no extra bytes) to 4, got {value:g}")
     return kind, value
@@ -110,10 +111,10 @@ class BudgetConfig:
             kl = estimated_kl(model, tokens, self.scheme, progress=ctx.progress)
             names = choose(model, self.scheme, kl, self.budget)
             ctx.report["sensitivity"] = kl
-        base, mixed = file_bytes(model, self.scheme), file_bytes(model, self.mixed(names))
+        ctx.scheme = self.mixed(names)
+        base, mixed = file_bytes(model, self.scheme), file_bytes(model, ctx.scheme)
         ctx.note(f"budget: {len(names)} linears at int8 per channel; {base:,} -> {mixed:,} bytes "
                  f"({mixed / base - 1:+.1%})")
-        ctx.scheme = self.mixed(names)
         ctx.record = dataclasses.replace(self, upgraded=tuple(names))
         return model
 
