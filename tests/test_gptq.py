@@ -27,21 +27,25 @@ def output_error(x, w, q, scales):
     return (x @ w.T - x @ dequantize_weight(q, scales).T).pow(2).mean().item()
 
 
-def test_identity_hessian_gives_round_to_nearest():
-    """With uncorrelated unit inputs no error can be moved anywhere: GPTQ must equal RTN exactly."""
-    w = torch.randn(24, 96, generator=G)
-    q, s = gptq.gptq_weight(w, torch.eye(96), SPEC, damp=0.0)
-    q_rtn, s_rtn = quantize_weight(w, SPEC)
+@pytest.mark.parametrize("rule", ["signed-max", "search"])
+def test_identity_hessian_gives_round_to_nearest(rule):
+    """With uncorrelated unit inputs no error can be moved anywhere: GPTQ must equal RTN exactly (and the search
+    rule's weighting by the inputs' mean squares, all 1, must change nothing)."""
+    w, spec = torch.randn(24, 96, generator=G), WeightSpec(4, 32, rule)
+    q, s = gptq.gptq_weight(w, torch.eye(96), spec, damp=0.0)
+    q_rtn, s_rtn = quantize_weight(w, spec)
     assert torch.equal(q, q_rtn) and torch.equal(s, s_rtn)
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_lowers_the_output_error_of_round_to_nearest(act_order):
-    x, w = correlated_inputs(), torch.randn(64, 128, generator=G)
+@pytest.mark.parametrize("act_order, rule", [(False, "signed-max"), (True, "signed-max"), (False, "search"),
+                                             (True, "search")])
+def test_gptq_lowers_the_output_error_of_round_to_nearest(act_order, rule):
+    x, w, spec = correlated_inputs(), torch.randn(64, 128, generator=G), WeightSpec(4, 32, rule)
     H = 2 * x.T @ x / x.shape[0]
-    q, s = gptq.gptq_weight(w, H, SPEC, act_order=act_order)
+    q, s = gptq.gptq_weight(w, H, spec, act_order=act_order)
     assert q.dtype == torch.int8 and q.min() >= -8 and q.max() <= 7 and s.shape == (64, 4)
-    rtn_err, gptq_err = output_error(x, w, *quantize_weight(w, SPEC)), output_error(x, w, q, s)
+    assert rule != "search" or (s > 0).all()
+    rtn_err, gptq_err = output_error(x, w, *quantize_weight(w, spec)), output_error(x, w, q, s)
     assert gptq_err < 0.5 * rtn_err  # measured: 0.15 (0.10 with act_order)
 
 

@@ -183,9 +183,10 @@ def _quantized(scale_rule=None, lora=False, hadamard=False):
     return model
 
 
-@pytest.mark.parametrize("lora, hadamard", [(False, False), (True, False), (False, True)])
-def test_export_to_meta_and_back_is_exact_for_positive_scales(tmp_path, lora, hadamard):
-    model = _quantized("absmax", lora, hadamard)
+@pytest.mark.parametrize("rule, lora, hadamard", [("absmax", False, False), ("search", True, False),
+                                                  ("absmax", False, True)])
+def test_export_to_meta_and_back_is_exact_for_positive_scales(tmp_path, rule, lora, hadamard):
+    model = _quantized(rule, lora, hadamard)
     path, (requantized, groups) = export_meta(model, None, tmp_path / "m")
     assert requantized == 0 and groups > 0
     params = json.loads((path / "params.json").read_text())

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pocketquant.errors import PocketQuantError
-from pocketquant.numerics import (dequantize_weight, fake_quant_per_token, fake_quant_weight, quantize_per_token,
-                                  quantize_weight)
+from pocketquant.numerics import (dequantize_weight, fake_quant_per_token, fake_quant_weight, group_scales,
+                                  quantize_per_token, quantize_weight)
 from pocketquant.packing import pack_int4, unpack_int4
 from pocketquant.scheme import ActSpec, WeightSpec
 
@@ -59,6 +59,29 @@ def test_clip_search_never_increases_the_weight_error():
     plain = (dequantize_weight(*quantize_weight(W, spec)) - W).pow(2).reshape(24, 4, 32).sum(-1)
     searched = (dequantize_weight(*quantize_weight(W, spec, search_clip=True)) - W).pow(2).reshape(24, 4, 32).sum(-1)
     assert (searched <= plain + 1e-7).all() and searched.sum() < plain.sum()
+
+
+def test_search_rule_keeps_scales_positive_and_picks_the_least_error():
+    """Every scale positive (ExecuTorch's kernels need it); each group's error no larger than with max|w| / 7 or
+    with max|w| / 8 (the largest negative weight on -8, as signed-max puts it, the largest positive clipped)."""
+    spec = WeightSpec(4, 32, "search", "float32")
+    q, scales = quantize_weight(W, spec)
+    assert (scales > 0).all() and q.min() >= -8 and q.max() <= 7
+    groups = W.reshape(24, 4, 32)
+
+    def residual(s):
+        return groups - torch.clamp(torch.round(groups / s[..., None]), -8, 7) * s[..., None]
+
+    def error(s):
+        return residual(s).pow(2).sum(-1)
+    searched, top = error(scales), groups.abs().amax(-1)
+    assert (searched <= error(top / 7) + 1e-7).all() and (searched <= error(top / 8) + 1e-7).all()
+    assert searched.sum() < error(top / 7).sum()
+    # the importance of each column weighs the error: one heavy column's weight comes out (almost) exact
+    importance = torch.ones(4, 32)
+    importance[:, 5] = 1e4
+    weighted = group_scales(groups, spec, importance)
+    assert residual(weighted)[..., 5].abs().sum() < residual(scales)[..., 5].abs().sum()
 
 
 def test_int8_per_channel():

@@ -12,6 +12,7 @@ from pocketquant.errors import PocketQuantError
 from pocketquant.scheme import ActSpec, WeightSpec
 
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 down to 0.6
+SEARCH_RATIOS = CLIP_RATIOS[:13]  # the "search" rule's scales: max|w| / qmax times 1.0 down to 0.7
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -26,9 +27,11 @@ def check_finite(w: torch.Tensor, name: str, refusal: str = "refusing to quantiz
         raise PocketQuantError(f"{name}: {int(bad.sum())} NaN/inf weights (first in row {row}); {refusal}")
 
 
-def _base_scales(wg: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+def _base_scales(wg: torch.Tensor, spec: WeightSpec, importance: torch.Tensor | None = None) -> torch.Tensor:
     """Scale per group from grouped weights [out, n_groups, group]."""
     qmin, qmax = qrange(spec.bits)
+    if spec.scale_rule == "search":
+        return _searched_scales(wg, spec, importance)
     if spec.scale_rule == "absmax":  # torchao: max|w| / 7.5, clamped to [-8, 7]
         return wg.abs().amax(-1) / ((qmax - qmin) / 2)
     # signed-max (llama.cpp Q4_0): the largest-magnitude weight maps exactly to qmin
@@ -50,9 +53,34 @@ def _quantize_grouped(wg: torch.Tensor, scales: torch.Tensor, bits: int) -> torc
     return torch.clamp(torch.round(wg / scales[..., None]), qmin, qmax)
 
 
-def group_scales(wg: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
-    """The scheme's stored scale (in float32) of each group of grouped weights [out, n_groups, group]."""
-    return _round_scales(_base_scales(wg, spec), spec)
+def group_scales(wg: torch.Tensor, spec: WeightSpec, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """The scheme's stored scale (in float32) of each group of grouped weights [out, n_groups, group].
+    `importance` [n_groups, group] (e.g. the mean squared input of each column) weighs the "search" rule's error."""
+    return _round_scales(_base_scales(wg, spec, importance), spec)
+
+
+def _searched_scales(wg: torch.Tensor, spec: WeightSpec, importance: torch.Tensor | None) -> torch.Tensor:
+    """Positive scales: each group's the one of max|w| / qmax * SEARCH_RATIOS with the least error (weighted by
+    `importance` per column). A ratio below 1 clips the largest weights; 7/8 for int4 puts a group's largest
+    negative weight on -8, as signed-max does, but keeps the scale positive."""
+    top = wg.abs().amax(-1) / qrange(spec.bits)[1]
+    return _least_error(wg, spec, [top * ratio for ratio in SEARCH_RATIOS], importance)
+
+
+def _least_error(wg: torch.Tensor, spec: WeightSpec, candidates: list, importance: torch.Tensor | None = None):
+    """Of the candidate scales [out, n_groups] (as stored), each group's with the least squared weight error
+    (weighted by `importance` [n_groups, group]); the first on a tie."""
+    best = best_err = None
+    for candidate in candidates:
+        s = _round_scales(candidate, spec)
+        err = (wg - _quantize_grouped(wg, s, spec.bits) * s[..., None]).pow(2)
+        err = (err if importance is None else err * importance).sum(-1)
+        if best is None:
+            best, best_err = s, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best
 
 
 def quantize_with_scales(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
@@ -72,14 +100,10 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec, search_clip: bool = False
         raise PocketQuantError(f"group size {g} does not divide the input width {in_f}")
     wg = w.detach().float().reshape(out_f, in_f // g, g)
     base = _base_scales(wg, spec)
-    scales = _round_scales(base, spec)  # = group_scales(wg, spec)
     if search_clip:
-        best_err = torch.full_like(scales, float("inf"))
-        for ratio in CLIP_RATIOS:
-            s = _round_scales(base * ratio, spec)
-            err = (wg - _quantize_grouped(wg, s, spec.bits) * s[..., None]).pow(2).sum(-1)
-            better = err < best_err
-            scales, best_err = torch.where(better, s, scales), torch.where(better, err, best_err)
+        scales = _least_error(wg, spec, [base * ratio for ratio in CLIP_RATIOS])
+    else:
+        scales = _round_scales(base, spec)  # = group_scales(wg, spec)
     q = _quantize_grouped(wg, scales, spec.bits)
     return q.reshape(out_f, in_f).to(torch.int8), scales
 

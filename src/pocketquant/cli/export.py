@@ -62,7 +62,8 @@ def _say_requantized(changed: int, groups: int):
     if changed:
         print(f"{changed:,} of {groups:,} weight groups ({100 * changed / groups:.1f}%) had a negative scale and held "
               "the lowest integer (-8 or -128), which became +7 or +127 when the group was flipped to a positive scale "
-              "(ExecuTorch's kernels take positive scales only); quantize with --scale-rule absmax for an exact export")
+              "(ExecuTorch's kernels take positive scales only); quantize with --scale-rule search (positive "
+              "scales) for an exact export")
 
 
 def check_program(path, model, tokenizer, context: int):

@@ -22,9 +22,9 @@ def register(p):
                         "(no data, seconds, least accurate), or import (keep a prequantized checkpoint's integers: "
                         "Meta's INT4_EO8 layout, or a GGUF's Q4_0/Q8_0 blocks; other GGUF types are requantized)")
     p.add_argument("--scheme", default=None, choices=schemes(), help="the quantization scheme (default int4-eo8)")
-    p.add_argument("--scale-rule", default=None, choices=["signed-max", "absmax"],
-                   help="how weight scales are chosen (default: the scheme's, signed-max; absmax gives positive "
-                        "scales only, which ExecuTorch's kernels need for an exact export)")
+    p.add_argument("--scale-rule", default=None, choices=["signed-max", "absmax", "search"],
+                   help="how weight scales are chosen (default: the scheme's, signed-max; search and absmax give "
+                        "positive scales only, which ExecuTorch's kernels need for an exact export)")
     p.add_argument("--search-clip", action="store_true",
                    help="rtn: search a clipping ratio per group that minimizes the weight error")
     p.add_argument("--share-embedding-output", action="store_true",

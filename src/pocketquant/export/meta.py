@@ -26,7 +26,7 @@ def export_meta(model, tokenizer, out: str | Path) -> tuple[Path, tuple[int, int
     """Write the quantized `model` into the directory `out` (created; refused if it exists) -> (out, (groups
     requantized, groups)). Block linears must be int4 on int8 activations; the output layer and embedding int8
     per channel (or float). Every integer is kept, except in groups whose negative scale cannot be flipped
-    (`positive_scales`): a model quantized with the absmax scale rule exports exactly."""
+    (`positive_scales`): a model quantized with the search or absmax scale rule exports exactly."""
     from pocketquant.files import atomic_directory
 
     state, group, requantized = meta_state(model)

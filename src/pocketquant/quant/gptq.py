@@ -83,7 +83,8 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float 
                 block: int = 128):
     """Quantize w [out, in] against the Hessian H [in, in] of its inputs -> (q int8, scales float32), the
     same form as `numerics.quantize_weight`. Each group's scale is set, by the scheme's rule, from the
-    group's weights as updated when quantization reaches it (with act_order: from the original weights)."""
+    group's weights as updated when quantization reaches it (with act_order: from the original weights); the
+    search rule weighs each column's error by the Hessian's diagonal (its input's mean square)."""
     W = w.detach().float().clone()
     out_f, in_f = W.shape
     g = spec.group_for(in_f)
@@ -97,7 +98,7 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float 
     scales = torch.zeros(out_f, in_f // g, device=dev)
     perm = torch.arange(in_f, device=dev)
     if act_order:
-        scales = group_scales(W.reshape(out_f, -1, g), spec)
+        scales = group_scales(W.reshape(out_f, -1, g), spec, torch.diag(H).float().reshape(-1, g))
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype, device=dev)
@@ -113,7 +114,8 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float 
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             if not act_order and col % g == 0:  # first column of a group: its scale from the current weights
-                scales[:, col // g] = group_scales(W1[:, i:i + g].reshape(out_f, 1, g), spec)[:, 0]
+                importance = torch.diag(H)[col:col + g].float()[None]
+                scales[:, col // g] = group_scales(W1[:, i:i + g].reshape(out_f, 1, g), spec, importance)[:, 0]
             s = scales[:, col // g]
             q = quantize_with_scales(W1[:, i], s, spec.bits)
             Q[:, i1 + i] = q
