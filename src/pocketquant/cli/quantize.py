@@ -8,6 +8,7 @@ DEFAULT_METHOD = "hadamard"
 
 def register(p):
     from pocketquant.cli.common import schemes
+    from pocketquant.scheme import SCALE_RULES
 
     p.add_argument("model", metavar="MODEL", help="a float model: path or known name (smollm2-135m); with --method "
                    "import, a prequantized checkpoint (Meta INT4_EO8 directory, GGUF file)")
@@ -22,7 +23,7 @@ def register(p):
                         "(no data, seconds, least accurate), or import (keep a prequantized checkpoint's integers: "
                         "Meta's INT4_EO8 layout, or a GGUF's Q4_0/Q8_0 blocks; other GGUF types are requantized)")
     p.add_argument("--scheme", default=None, choices=schemes(), help="the quantization scheme (default int4-eo8)")
-    p.add_argument("--scale-rule", default=None, choices=["signed-max", "absmax", "search"],
+    p.add_argument("--scale-rule", default=None, choices=SCALE_RULES,
                    help="how weight scales are chosen (default: the scheme's, signed-max; search and absmax give "
                         "positive scales only, which ExecuTorch's kernels need for an exact export)")
     p.add_argument("--search-clip", action="store_true",
