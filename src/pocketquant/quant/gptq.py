@@ -94,11 +94,12 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float 
     dead = torch.diag(H) == 0  # inputs that were always zero: any value works, 0 is simplest
     H[dead, dead] = 1
     W[:, dead] = 0
+    mean_square = torch.diag(H).float()  # of each input: what the search rule weighs a column's error by
     dev = W.device
     scales = torch.zeros(out_f, in_f // g, device=dev)
     perm = torch.arange(in_f, device=dev)
     if act_order:
-        scales = group_scales(W.reshape(out_f, -1, g), spec, torch.diag(H).float().reshape(-1, g))
+        scales = group_scales(W.reshape(out_f, -1, g), spec, mean_square.reshape(-1, g))
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype, device=dev)
@@ -114,7 +115,7 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float 
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             if not act_order and col % g == 0:  # first column of a group: its scale from the current weights
-                importance = torch.diag(H)[col:col + g].float()[None]
+                importance = mean_square[col:col + g][None]
                 scales[:, col // g] = group_scales(W1[:, i:i + g].reshape(out_f, 1, g), spec, importance)[:, 0]
             s = scales[:, col // g]
             q = quantize_with_scales(W1[:, i], s, spec.bits)

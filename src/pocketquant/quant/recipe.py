@@ -58,8 +58,8 @@ STEPS = {"spinquant": SpinQuantConfig, "budget": BudgetConfig, "rtn": RTNConfig,
          "import": ImportConfig}
 CALIBRATED = (RTNConfig, GPTQConfig, SignRoundConfig, TrainConfig)  # quantize a model in memory (a budget's next step)
 QUANTIZERS = (*CALIBRATED, ImportConfig)
-METHODS = ("rtn", "gptq", "signround", "hadamard", "spinquant", "import")
-QUANTIZER_STEPS = {"gptq": GPTQConfig, "signround": SignRoundConfig, "rtn": RTNConfig}  # what rotations end with  # the quantize verb's --method (from_options)
+METHODS = ("rtn", "gptq", "signround", "hadamard", "spinquant", "import")  # the quantize verb's --method (from_options)
+QUANTIZER_STEPS = {"gptq": GPTQConfig, "signround": SignRoundConfig, "rtn": RTNConfig}  # what rotations end with
 FORMAT, VERSION = "pocketquant.recipe", 1
 MAX_BYTES, MAX_DEPTH = 1 << 20, 32  # a recipe file larger or deeper than this is refused before it is parsed
 
