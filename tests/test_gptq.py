@@ -49,6 +49,34 @@ def test_gptq_lowers_the_output_error_of_round_to_nearest(act_order, rule):
     assert gptq_err < 0.5 * rtn_err  # measured: 0.15 (0.10 with act_order)
 
 
+def test_gptaq_pulls_the_quantized_linear_toward_the_float_one_on_the_float_inputs():
+    """GPTAQ: the quantized model's inputs x~ differ from the float model's x (earlier layers' error, mostly a
+    function of x); pulled toward w x, the quantized linear on x~ matches the float one better than GPTQ's,
+    which matches w x~."""
+    x = correlated_inputs()
+    distortion = torch.eye(128) + 0.1 * torch.randn(128, 128, generator=G) / 128 ** 0.5
+    x_q = x @ distortion + 0.02 * torch.randn(x.shape, generator=G)
+    w = torch.randn(64, 128, generator=G)
+    H, cross = 2 * x_q.T @ x_q / len(x), 2 * (x - x_q).T @ x_q / len(x)
+
+    def error(q, s):  # of the quantized linear on x~ against the float linear on x
+        return (x @ w.T - x_q @ dequantize_weight(q, s).T).pow(2).mean().item()
+    errors = {a: error(*gptq.gptq_weight(w, H, SPEC, cross=cross, asymmetry=a)) for a in (0.0, 0.25, 1.0)}
+    assert errors[0.0] == error(*gptq.gptq_weight(w, H, SPEC))  # no pull: plain GPTQ
+    assert errors[1.0] < errors[0.25] < 0.75 * errors[0.0]  # measured: 8.3, 27.7 against 42.8
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptaq_blocks_are_only_a_schedule(act_order):
+    """Updating the later columns block by block gives what updating them after every column gives."""
+    x = correlated_inputs()
+    x_q, w = x + 0.2 * torch.randn(x.shape, generator=G), torch.randn(64, 128, generator=G)
+    H, cross = 2 * x_q.T @ x_q / len(x), 2 * (x - x_q).T @ x_q / len(x)
+    runs = [gptq.gptq_weight(w.double(), H, SPEC, act_order=act_order, block=b, cross=cross, asymmetry=0.5)
+            for b in (32, 128)]
+    assert (runs[0][0] != runs[1][0]).float().mean() < 0.002 and torch.allclose(runs[0][1], runs[1][1])
+
+
 def test_dead_inputs_and_bad_hessians():
     w, H = torch.randn(8, 64, generator=G), torch.eye(64)
     H[5, 5] = 0  # an input that was always zero
@@ -77,9 +105,10 @@ def test_layer_by_layer_gptq_beats_rtn_on_its_calibration_text(tiny_text_dir):
     assert errors["gptq"] < errors["rtn"]
 
 
-def test_a_killed_run_resumes_after_its_last_finished_layer(tiny_text_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("asymmetry", [0.0, 0.25])
+def test_a_killed_run_resumes_after_its_last_finished_layer(tiny_text_dir, tmp_path, monkeypatch, asymmetry):
     tokens = torch.randint(0, 256, (4, 32), generator=G)
-    config = gptq.GPTQConfig(samples=4, seq_len=32)
+    config = gptq.GPTQConfig(samples=4, seq_len=32, asymmetry=asymmetry)  # GPTAQ: two input streams to resume
     whole = gptq.apply(_model(tiny_text_dir), config, tokens)
 
     state = tmp_path / "state"

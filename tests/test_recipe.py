@@ -28,7 +28,7 @@ def cli(*args):
 
 @pytest.mark.parametrize("step", [
     RTNConfig(PRESETS["int8"], search_clip=True),
-    GPTQConfig(SCHEME, 7, 33, 0.05, False, 64, "calib.txt"),
+    GPTQConfig(SCHEME, 7, 33, 0.05, False, 64, "calib.txt", 0.25),
     SpinQuantConfig(PRESETS["int4-eo8-g128"], iterations=3, lr=0.5, learn=False, loss="kl", rotations="r.safetensors"),
     TrainConfig(SCHEME, lora=True, steps=3, targets=("q_proj", "mlp.*"), merge_lora=True, data="chats.jsonl"),
     TrainConfig(SCHEME, qat=False, lora=True),
@@ -67,6 +67,7 @@ def test_recipe_files_round_trip_and_bad_ones_are_refused(tmp_path):
         (lambda r: r.update(version=True), "recipe version True"),
         (lambda r: r["steps"][1].update(version=-5), "gptq step version -5"),
         (lambda r: r["steps"][1].update(version=False), "gptq step version False"),
+        (lambda r: r["steps"][1].update(asymmetry=1.5), "asymmetry must be between 0 and 1, got 1.5"),
         (lambda r: r["steps"][1].update(block=7), r"GPTQ block \(7 columns\) must be a multiple of the scheme's "
                                                   r"group size \(32\)"),
         (lambda r: r["steps"][1].update(block=10 ** 18), "GPTQ block must be in"),

@@ -44,11 +44,16 @@ class GPTQConfig:
     act_order: bool = True
     block: int = 128  # columns updated together (a multiple of the group size)
     text: str | None = None  # the calibration text (a file; None: the shipped calibration text)
+    # GPTAQ (Li et al., 2025): how far each linear is pulled toward the float model's output on the float
+    # model's own inputs, correcting the error the quantized layers before it left (0: plain GPTQ)
+    asymmetry: float = 0.0
     VERSION: ClassVar[int] = 1
 
     def __post_init__(self):
         if not 0 <= self.damp < math.inf:  # also refuses NaN
             raise PocketQuantError(f"GPTQ damping must be a finite number >= 0, got {self.damp}")
+        if not 0 <= self.asymmetry <= 1:  # also refuses NaN
+            raise PocketQuantError(f"GPTQ asymmetry must be between 0 and 1, got {self.asymmetry}")
         if min(self.samples, self.seq_len, self.block) < 1:
             raise PocketQuantError(f"GPTQ needs samples, seq_len and block >= 1, got {self.samples}, "
                                    f"{self.seq_len} and {self.block}")
@@ -80,11 +85,14 @@ class GPTQConfig:
 
 
 def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float = 0.01, act_order: bool = True,
-                block: int = 128):
+                block: int = 128, cross: torch.Tensor | None = None, asymmetry: float = 0.0):
     """Quantize w [out, in] against the Hessian H [in, in] of its inputs -> (q int8, scales float32), the
     same form as `numerics.quantize_weight`. Each group's scale is set, by the scheme's rule, from the
     group's weights as updated when quantization reaches it (with act_order: from the original weights); the
-    search rule weighs each column's error by the Hessian's diagonal (its input's mean square)."""
+    search rule weighs each column's error by the Hessian's diagonal (its input's mean square).
+    GPTAQ: with `cross` = 2/n sum((x - x~) x~^T), x the float model's inputs and x~ the quantized model's,
+    each column also pushes `asymmetry` times its share of w (x - x~) x~^T H^-1 onto the columns after it, so
+    that the quantized linear on x~ comes closer to the float one on x."""
     W = w.detach().float().clone()
     out_f, in_f = W.shape
     g = spec.group_for(in_f)
@@ -94,6 +102,9 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float 
     dead = torch.diag(H) == 0  # inputs that were always zero: any value works, 0 is simplest
     H[dead, dead] = 1
     W[:, dead] = 0
+    C = None if cross is None or asymmetry == 0 else cross.double().clone()
+    if C is not None:
+        C[:, dead] = 0
     mean_square = torch.diag(H).float()  # of each input: what the search rule weighs a column's error by
     dev = W.device
     scales = torch.zeros(out_f, in_f // g, device=dev)
@@ -102,28 +113,38 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float 
         scales = group_scales(W.reshape(out_f, -1, g), spec, mean_square.reshape(-1, g))
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
+        C = None if C is None else C[perm][:, perm]
     H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype, device=dev)
     try:
-        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError as e:
         raise PocketQuantError(f"GPTQ: the Hessian is not positive definite even with damping {damp}; "
                                "raise --damp or use more calibration samples") from e
+    # column i's pull onto each later column j (P[i, i] = 0): C H^-1 split along GPTQ's order of columns
+    P = None if C is None else (asymmetry * torch.triu(C @ U.T, 1) @ U).float()
+    U = U.float()
     Q = torch.zeros_like(W)
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         W1, err = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, device=dev)
+        before = W1.clone()  # each column as quantization reaches it (what it pulls with)
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             if not act_order and col % g == 0:  # first column of a group: its scale from the current weights
                 importance = mean_square[col:col + g][None]
                 scales[:, col // g] = group_scales(W1[:, i:i + g].reshape(out_f, 1, g), spec, importance)[:, 0]
             s = scales[:, col // g]
+            before[:, i] = W1[:, i]
             q = quantize_with_scales(W1[:, i], s, spec.bits)
             Q[:, i1 + i] = q
             e = (W1[:, i] - q * s) / U[i1 + i, i1 + i]
             W1[:, i:] -= e[:, None] * U[i1 + i, i1 + i:i2][None, :]
+            if P is not None:
+                W1[:, i:] += before[:, i, None] * P[i1 + i, i1 + i:i2][None, :]
             err[:, i] = e
         W[:, i2:] -= err @ U[i1:i2, i2:]
+        if P is not None:
+            W[:, i2:] += before @ P[i1:i2, i2:]
     if act_order:
         Q = Q[:, torch.argsort(perm)]
     return Q.to(torch.int8), scales
@@ -180,22 +201,25 @@ def apply(model: Transformer, config: GPTQConfig, tokens: torch.Tensor, progress
     run = LayerRun(model, config, tokens, state_dir, "gptq", note)
     state, start, n_layers, cos, sin, mask = run.state, run.start, run.n_layers, run.cos, run.sin, run.mask
     x = run.streams["x"] if start else run.embedded(tokens)
+    # GPTAQ also follows the float model's own stream of inputs
+    x_float = (run.streams["float"] if start else x) if config.asymmetry else None
     note(f"gptq: {n_layers - start} layers on {tokens.shape[0]} blocks of {tokens.shape[1]} tokens")
     layers = range(start, n_layers)
     try:
         for i in (progress(layers, desc="gptq", unit="layer", initial=start, total=n_layers) if progress else layers):
             layer = model.layers[i]
             layer_plan = run.plan_of(i)
-            hessians = _hessians(layer, layer_plan, x, cos, sin, mask, batch)
+            hessians, crosses, x_float = _hessians(layer, layer_plan, x, cos, sin, mask, batch, x_float)
             for name, spec in layer_plan.items():
                 linear = layer.get_submodule(name)
                 check_finite(linear.weight, f"layers.{i}.{name}")
                 q, scales = gptq_weight(linear.weight, hessians[INPUTS[name]], spec.weight, config.damp,
-                                        config.act_order, config.block)
+                                        config.act_order, config.block, crosses.get(INPUTS[name]),
+                                        config.asymmetry)
                 set_module(layer, name, QuantLinear.from_int(q, scales, spec))
             x = torch.cat([layer(xb, cos, sin, mask, None, 0) for xb in x.split(batch)])
             if state:
-                state.save(i, layer, x=x)
+                state.save(i, layer, x=x, **({} if x_float is None else {"float": x_float}))
     except PocketQuantError:
         if state:  # a refused run (e.g. a Hessian GPTQ cannot invert) leaves nothing behind
             state.dir.remove(only_if_uncommitted=True)
@@ -252,18 +276,26 @@ def gptq_state(state_dir: str | Path) -> StateDir:
     return StateDir(state_dir, "GPTQ", {})
 
 
-def _hessians(layer, layer_plan: dict, x, cos, sin, mask, batch: int) -> dict[str, torch.Tensor]:
+def _hessians(layer, layer_plan: dict, x, cos, sin, mask, batch: int, x_float=None):
     """H = 2 / n * sum(x x^T) over every calibration token, for each distinct input of the layer's
-    quantized linears (after their int8 activation quantization, as they will see it)."""
-    sums, count, hooks = {}, {}, []
+    quantized linears (after their int8 activation quantization, as they will see it) -> (hessians, crosses,
+    the float layer's output). With `x_float`, the float model's inputs to the layer, also GPTAQ's cross term
+    2 / n * sum((x - x~) x~^T) for each of them, x the float model's input to the linear (no activation
+    quantization) and x~ the quantized model's; else no crosses and no output."""
+    sums, crosses, count, hooks, floats = {}, {}, {}, [], {}
+    float_pass = False
 
     def hook(name):
         def record(module, args):
+            key, a = INPUTS[name], args[0].reshape(-1, args[0].shape[-1]).float()
+            if float_pass:
+                floats[key] = a
+                return
             spec = layer_plan[name]
-            a = args[0].reshape(-1, args[0].shape[-1]).float()
             a = fake_quant_per_token(a, spec.act) if spec.act else a
-            key = INPUTS[name]
             sums[key] = sums.get(key, 0) + (a.T @ a).double()  # float32 per batch, float64 across batches
+            if x_float is not None:
+                crosses[key] = crosses.get(key, 0) + ((floats[key] - a).T @ a).double()
             count[key] = count.get(key, 0) + a.shape[0]
         return record
 
@@ -272,10 +304,17 @@ def _hessians(layer, layer_plan: dict, x, cos, sin, mask, batch: int) -> dict[st
         first.setdefault(INPUTS[name], name)
     for name in first.values():
         hooks.append(layer.get_submodule(name).register_forward_pre_hook(hook(name)))
+    out = []
     try:
-        for xb in x.split(batch):
+        for b, xb in enumerate(x.split(batch)):
+            if x_float is not None:  # the float model's pass first: keep its inputs
+                float_pass = True
+                out.append(layer(x_float[b * batch:(b + 1) * batch], cos, sin, mask, None, 0))
+                float_pass = False
             layer(xb, cos, sin, mask, None, 0)
     finally:
         for h in hooks:
             h.remove()
-    return {k: (2.0 / count[k] * v).float() for k, v in sums.items()}
+    scale = {k: 2.0 / n for k, n in count.items()}
+    return ({k: (scale[k] * v).float() for k, v in sums.items()},
+            {k: (scale[k] * v).float() for k, v in crosses.items()}, torch.cat(out) if out else None)
