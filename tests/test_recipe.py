@@ -36,7 +36,16 @@ def cli(*args):
 ])
 def test_every_step_round_trips_through_json(step):
     d = json.loads(json.dumps(step.to_dict()))
-    assert d["version"] == 1 and recipe.step_from_dict(d) == step
+    assert d["version"] == step.VERSION and recipe.step_from_dict(d) == step
+
+
+def test_a_gptq_step_of_version_1_replays_plain_gptq():
+    """Version 1 had no GPTAQ: a file made then is made again as it was, not with today's default pull."""
+    d = GPTQConfig(SCHEME).to_dict()
+    assert d["asymmetry"] > 0
+    del d["asymmetry"]
+    assert recipe.step_from_dict({**d, "version": 1}).asymmetry == 0
+    assert recipe.step_from_dict(d).asymmetry == GPTQConfig().asymmetry
 
 
 def test_recipe_files_round_trip_and_bad_ones_are_refused(tmp_path):
@@ -53,7 +62,7 @@ def test_recipe_files_round_trip_and_bad_ones_are_refused(tmp_path):
         (lambda r: r["steps"][1].update(method="awq"), "unknown recipe step 'awq'"),
         (lambda r: r["steps"][1].update(damping=0.1), r"unknown field\(s\) damping"),
         (lambda r: r["steps"][1].update(samples="8"), "samples = '8' has the wrong type"),
-        (lambda r: r["steps"][1].update(version=2), "gptq step version 2"),
+        (lambda r: r["steps"][1].update(version=3), "gptq step version 3"),
         (lambda r: r.update(version=9), "recipe version 9"),
         (lambda r: r["steps"][1]["scheme"].update(name="int8"), "the same scheme"),
         (lambda r: r["steps"].append(r["steps"][1]), "rtn, gptq or signround once"),

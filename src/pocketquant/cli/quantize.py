@@ -17,7 +17,8 @@ def register(p):
                    help="run the steps of a recipe file (.json) or replay the recipe stored in a packed file; "
                         "instead of --method and --scheme")
     p.add_argument("--method", default=None, choices=["rtn", "gptq", "signround", "hadamard", "spinquant", "import"],
-                   help="hadamard (default: random Hadamard rotations R1/R2 + online R4, then GPTQ), spinquant "
+                   help="hadamard (default: random Hadamard rotations R1/R2 + online R4, then GPTQ with GPTAQ's pull, "
+                        "--asymmetry), spinquant "
                         "(learned rotations, then --then gptq|signround|rtn), gptq (calibrated; resumes after a "
                         "kill), signround (tuned rounding per layer by signed gradient descent; resumes), rtn "
                         "(no data, seconds, least accurate), or import (keep a prequantized checkpoint's integers: "
@@ -49,9 +50,9 @@ def register(p):
     g.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="quantize columns in their natural order, each group's scale from its weights as updated "
                         "(default: by decreasing Hessian diagonal, scales fixed up front)")
-    g.add_argument("--asymmetry", type=float, default=0.0, metavar="A",
+    g.add_argument("--asymmetry", type=float, default=None, metavar="A",
                    help="gptq: GPTAQ's pull toward the float model's outputs on its own inputs, 0 to 1 "
-                        "(default 0: plain GPTQ)")
+                        "(default 0.25; 0: plain GPTQ)")
     g.add_argument("--sr-iterations", type=int, default=100, help="signround: steps per layer (default 100)")
     g.add_argument("--sr-batch", type=int, default=1, help="signround: blocks per step (default 1)")
     g.add_argument("--sr-lr", type=float, default=0.0,
@@ -89,7 +90,7 @@ def steps_from(args) -> tuple:
     def samples(default: int) -> int:
         return default if args.calib_samples is None else args.calib_samples
     gptq = {"samples": samples(128), "seq_len": args.calib_len, "damp": args.damp, "act_order": args.act_order,
-            "asymmetry": args.asymmetry, "text": args.calib_text}
+            "text": args.calib_text, **({} if args.asymmetry is None else {"asymmetry": args.asymmetry})}
     signround = {"samples": samples(64), "seq_len": args.calib_len, "iterations": args.sr_iterations,
                  "batch": args.sr_batch, "lr": args.sr_lr, "min_scale": args.sr_min_scale, "seed": args.seed,
                  "text": args.calib_text}

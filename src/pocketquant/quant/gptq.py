@@ -26,6 +26,9 @@ from pocketquant.quant.rtn import quantize_embedding
 from pocketquant.scheme import PRESETS, QuantScheme, WeightSpec
 
 MAX_BLOCK = 1 << 14  # columns updated together, at most
+# GPTAQ's pull, the default (random Hadamard + GPTQ on SmolLM2-135M, first 16k evaluation tokens: perplexity
+# 11.045 at 0.25 against 11.257 at 0, RTN 13.404, float 10.595)
+ASYMMETRY = 0.25
 
 # Linears that read the same input share one Hessian.
 INPUTS = {"self_attn.q_proj": "attn", "self_attn.k_proj": "attn", "self_attn.v_proj": "attn",
@@ -46,8 +49,8 @@ class GPTQConfig:
     text: str | None = None  # the calibration text (a file; None: the shipped calibration text)
     # GPTAQ (Li et al., 2025): how far each linear is pulled toward the float model's output on the float
     # model's own inputs, correcting the error the quantized layers before it left (0: plain GPTQ)
-    asymmetry: float = 0.0
-    VERSION: ClassVar[int] = 1
+    asymmetry: float = ASYMMETRY
+    VERSION: ClassVar[int] = 2  # 1: plain GPTQ only (no asymmetry)
 
     def __post_init__(self):
         if not 0 <= self.damp < math.inf:  # also refuses NaN
@@ -69,6 +72,8 @@ class GPTQConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTQConfig":
+        if isinstance(d, dict) and d.get("version", 1) == 1:  # made before GPTAQ: replayed as it was made
+            d = {**d, "asymmetry": 0.0}
         return config_from_dict(cls, d, "gptq")
 
     def check(self, model: Transformer, ctx):
