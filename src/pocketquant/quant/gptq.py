@@ -132,20 +132,20 @@ def gptq_weight(w: torch.Tensor, H: torch.Tensor, spec: WeightSpec, damp: float 
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         W1, err = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, device=dev)
-        before = W1.clone()  # each column as quantization reaches it (what it pulls with)
+        before = None if P is None else W1.clone()  # each column as quantization reaches it (what it pulls with)
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             if not act_order and col % g == 0:  # first column of a group: its scale from the current weights
                 importance = mean_square[col:col + g][None]
                 scales[:, col // g] = group_scales(W1[:, i:i + g].reshape(out_f, 1, g), spec, importance)[:, 0]
             s = scales[:, col // g]
-            before[:, i] = W1[:, i]
             q = quantize_with_scales(W1[:, i], s, spec.bits)
             Q[:, i1 + i] = q
             e = (W1[:, i] - q * s) / U[i1 + i, i1 + i]
-            W1[:, i:] -= e[:, None] * U[i1 + i, i1 + i:i2][None, :]
             if P is not None:
-                W1[:, i:] += before[:, i, None] * P[i1 + i, i1 + i:i2][None, :]
+                before[:, i] = W1[:, i]
+                W1[:, i:] += before[:, i, None] * P[i1 + i, i1 + i:i2][None, :]  # P[i, i] = 0: column i kept
+            W1[:, i:] -= e[:, None] * U[i1 + i, i1 + i:i2][None, :]
             err[:, i] = e
         W[:, i2:] -= err @ U[i1:i2, i2:]
         if P is not None:
